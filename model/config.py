@@ -1,0 +1,212 @@
+"""Frozen, validated configuration dataclasses for the DeepSeek-V3 model family.
+
+Each module reads only the small config it needs: `MLAConfig` for attention (with its RoPE /
+YaRN settings), `MoEConfig` for the expert layers, and `ModelConfig` composes them with the
+stack-level sizes. Invalid values fail at construction with a `ValueError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import jax.numpy as jnp
+
+
+class RematPolicy(enum.Enum):
+    """What a transformer block keeps for the backward pass."""
+
+    NONE = "none"  # keep every activation
+    FULL = "full"  # recompute the whole block
+    DOTS = "dots"  # keep matmul outputs without batch dims, recompute the rest
+
+
+class GroupedMatmul(enum.Enum):
+    """How the routed experts' grouped matmul is computed."""
+
+    AUTO = "auto"  # ragged_dot on GPU/TPU, tiled scan on CPU
+    RAGGED_DOT = "ragged_dot"  # jax.lax.ragged_dot over expert-sorted rows
+    TILED_SCAN = "tiled_scan"  # lax.scan over row tiles that each belong to one expert
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, got {value!r}")
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be an int >= 0, got {value!r}")
+
+
+def _positive_float(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnConfig:
+    """YaRN context extension applied to the decoupled RoPE dims (V3: factor 40 from 4K)."""
+
+    factor: float
+    original_max_position: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+
+    def __post_init__(self):
+        _positive(self, "original_max_position")
+        _positive_float(self, "beta_fast", "beta_slow")
+        if not self.factor >= 1.0:
+            raise ValueError(f"YarnConfig.factor must be >= 1, got {self.factor!r}")
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(
+                f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention: low-rank q (optional) and kv, decoupled shared RoPE key."""
+
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_theta: float = 10000.0
+    yarn: YarnConfig | None = None
+
+    def __post_init__(self):
+        _positive(self, "num_heads", "kv_lora_rank", "qk_nope_head_dim", "v_head_dim")
+        _positive(self, "qk_rope_head_dim")
+        if self.q_lora_rank is not None:
+            _positive(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"MLAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
+                f"got {self.qk_rope_head_dim}"
+            )
+        _positive_float(self, "rope_theta")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE: fine-grained routed experts, shared experts, sigmoid group-limited routing."""
+
+    num_experts: int
+    num_shared_experts: int
+    top_k: int
+    expert_dim: int
+    num_groups: int = 1
+    top_groups: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
+    tile_rows: int = 256  # rows per tile of the CPU tiled-scan grouped matmul
+
+    def __post_init__(self):
+        _positive(self, "num_experts", "top_k", "expert_dim", "num_groups", "top_groups")
+        _positive(self, "tile_rows")
+        _non_negative(self, "num_shared_experts")
+        _positive_float(self, "routed_scaling_factor")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) must be <= num_experts ({self.num_experts})"
+            )
+        if self.num_experts % self.num_groups:
+            raise ValueError(
+                f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
+                f"num_groups ({self.num_groups})"
+            )
+        if self.top_groups > self.num_groups:
+            raise ValueError(
+                f"MoEConfig.top_groups ({self.top_groups}) must be <= num_groups "
+                f"({self.num_groups})"
+            )
+        per_group = self.num_experts // self.num_groups
+        if self.num_groups > 1 and per_group < 2:
+            raise ValueError(
+                f"MoEConfig.num_groups ({self.num_groups}) leaves {per_group} expert per group; "
+                "group scores sum the top-2 experts of a group, so each group needs >= 2"
+            )
+        if self.top_k > self.top_groups * per_group:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) exceeds the experts left in top_groups "
+                f"({self.top_groups} x {per_group})"
+            )
+        if not isinstance(self.grouped_matmul, GroupedMatmul):
+            raise ValueError(
+                f"MoEConfig.grouped_matmul must be a GroupedMatmul, got {self.grouped_matmul!r}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A DeepSeek-V3-style decoder: dense first layers, MoE layers, optional MTP modules."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_dense_layers: int
+    dense_dim: int
+    mla: MLAConfig
+    moe: MoEConfig | None
+    mtp_depth: int = 0
+    max_seq_len: int = 4096
+    norm_eps: float = 1e-6
+    init_std: float = 0.006
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: RematPolicy = RematPolicy.NONE
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "d_model", "num_layers", "dense_dim", "max_seq_len")
+        _non_negative(self, "num_dense_layers", "mtp_depth")
+        _positive_float(self, "norm_eps", "init_std")
+        if self.num_dense_layers > self.num_layers:
+            raise ValueError(
+                f"ModelConfig.num_dense_layers ({self.num_dense_layers}) must be <= "
+                f"num_layers ({self.num_layers})"
+            )
+        if self.num_moe_layers and self.moe is None:
+            raise ValueError(
+                f"ModelConfig.moe is None but num_layers - num_dense_layers = "
+                f"{self.num_moe_layers} layers are MoE; set num_dense_layers = num_layers"
+            )
+        for name in ("dtype", "param_dtype"):
+            value = getattr(self, name)
+            try:
+                is_float = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+            except TypeError:
+                is_float = False
+            if not is_float:
+                raise ValueError(f"ModelConfig.{name} must name a float dtype, got {value!r}")
+        if not isinstance(self.remat, RematPolicy):
+            raise ValueError(f"ModelConfig.remat must be a RematPolicy, got {self.remat!r}")
+        if not isinstance(self.mla, MLAConfig):
+            raise ValueError(f"ModelConfig.mla must be an MLAConfig, got {type(self.mla)}")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.num_dense_layers
+
+    @property
+    def mtp_uses_moe(self) -> bool:
+        """MTP blocks are MoE blocks whenever the model has MoE layers (as in V3's layer 61)."""
+        return self.moe is not None and self.num_moe_layers > 0
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

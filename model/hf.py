@@ -1,0 +1,461 @@
+"""Load and save DeepSeek-V3 checkpoints in the Hugging Face safetensors layout.
+
+Tensor names follow DeepSeek's official checkpoint: `model.layers.{i}.…` with one tensor per
+routed expert, and MTP module k at `model.layers.{num_hidden_layers + k}.…`. `load` also takes
+the fused expert tensors (`mlp.experts.gate_up_proj` [E, 2F, D], `mlp.experts.down_proj`
+[E, D, F]) that transformers >= 5 keeps in memory and writes with `save_original_format=False`.
+
+Loading first checks every tensor's name and header shape against config.json (so a bad
+checkpoint fails before any data is read), then reads one tensor at a time into preallocated
+stacked numpy arrays. Block-quantized FP8 weights (`weight` float8_e4m3fn plus
+`weight_scale_inv`, one scale per 128x128 block) are dequantized on the way in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from model.config import ModelConfig
+from model.hf_config import config_from_hf, config_to_hf, declared_mtp_depth, fp8_block_size
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# safetensors 0.8's numpy backend looks these up as `np.float8_*`, which numpy lacks; they are
+# read from the raw file instead (see `_Reader.read`).
+_RAW_DTYPES = {"F8_E4M3": ml_dtypes.float8_e4m3fn}
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
+
+_Leaf = tuple[str, tuple[str, ...]]  # (collection, path inside it)
+
+
+# --- layout maps: (HF array -> jax arrays, jax array -> HF array) ---------------------------
+
+
+class _Map(NamedTuple):
+    to_jax: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[[np.ndarray], np.ndarray] | None
+
+
+_COPY = _Map(lambda x: (x,), lambda y: y)
+_LINEAR = _Map(lambda x: (x.T,), lambda y: y.T)  # torch Linear weights are [out, in]
+
+
+def _heads_out(heads: int) -> _Map:
+    """[H*k, in] (torch, output split per head) <-> [in, H, k]."""
+    return _Map(
+        lambda x: (x.T.reshape(x.shape[1], heads, -1),),
+        lambda y: y.reshape(y.shape[0], -1).T,
+    )
+
+
+def _heads_in(heads: int) -> _Map:
+    """[out, H*v] (torch, input concatenated over heads) <-> [H, v, out]."""
+    return _Map(
+        lambda x: (x.T.reshape(heads, -1, x.shape[0]),),
+        lambda y: y.reshape(-1, y.shape[-1]).T,
+    )
+
+
+def _fused_gate_up(f: int) -> _Map:
+    """transformers' [E, 2F, D] (gate rows, then up rows) -> two [E, D, F]; load only."""
+    return _Map(lambda x: (x[:, :f].transpose(0, 2, 1), x[:, f:].transpose(0, 2, 1)), None)
+
+
+_FUSED_DOWN = _Map(lambda x: (x.transpose(0, 2, 1),), None)  # [E, D, F] -> [E, F, D]
+
+
+# --- the name/shape contract -----------------------------------------------------------------
+
+
+class _Entry(NamedTuple):
+    """One tensor of a block: HF suffix, our leaf path(s), HF shape, our per-slot shape, map."""
+
+    suffix: str
+    paths: str  # '/'-separated leaf path; two, comma-separated, for transformers' fused gate_up
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    map: _Map
+    collection: str = "params"
+    expert: int | None = None  # index into the leaf's expert axis (one tensor per expert)
+
+
+_e = _Entry  # short alias: the tables below then read as one line per tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    """One checkpoint tensor: the leaves it fills, at which stack index, and its layout."""
+
+    leaves: tuple[_Leaf, ...]
+    index: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+    map: _Map
+
+
+class _Layout(NamedTuple):
+    slots: dict[str, _Slot]  # checkpoint name -> slot
+    shapes: dict[_Leaf, tuple[int, ...]]  # full leaf shape
+    stacks: dict[_Leaf, tuple[int, ...]]  # its leading stack axes (layer, expert)
+
+
+def _swiglu(pre: str, path: str, d: int, f: int, expert: int | None = None) -> list[_Entry]:
+    """gate/up/down projections of one SwiGLU FFN (dense MLP, routed or shared expert)."""
+    return [
+        _e(pre + "gate_proj.weight", path + "wi_gate", (f, d), (d, f), _LINEAR, expert=expert),
+        _e(pre + "up_proj.weight", path + "wi_up", (f, d), (d, f), _LINEAR, expert=expert),
+        _e(pre + "down_proj.weight", path + "wo", (d, f), (f, d), _LINEAR, expert=expert),
+    ]
+
+
+def _attention(cfg: ModelConfig) -> list[_Entry]:
+    """MLA tensors and the two block norms."""
+    mla, d, a = cfg.mla, cfg.d_model, "self_attn."
+    h, qk, kvl, v = mla.num_heads, mla.qk_head_dim, mla.kv_lora_rank, mla.v_head_dim
+    kv_a, kv_b = kvl + mla.qk_rope_head_dim, mla.qk_nope_head_dim + v
+    out = [
+        _e("input_layernorm.weight", "attn_norm/scale", (d,), (d,), _COPY),
+        _e("post_attention_layernorm.weight", "ffn_norm/scale", (d,), (d,), _COPY),
+        _e(a + "kv_a_proj_with_mqa.weight", "attn/wkv_a", (kv_a, d), (d, kv_a), _LINEAR),
+        _e(a + "kv_a_layernorm.weight", "attn/kv_norm/scale", (kvl,), (kvl,), _COPY),
+        _e(a + "kv_b_proj.weight", "attn/wkv_b", (h * kv_b, kvl), (kvl, h, kv_b), _heads_out(h)),
+        _e(a + "o_proj.weight", "attn/wo", (d, h * v), (h, v, d), _heads_in(h)),
+    ]
+    if (ql := mla.q_lora_rank) is None:
+        return [*out, _e(a + "q_proj.weight", "attn/wq", (h * qk, d), (d, h, qk), _heads_out(h))]
+    return [
+        *out,
+        _e(a + "q_a_proj.weight", "attn/wq_a", (ql, d), (d, ql), _LINEAR),
+        _e(a + "q_a_layernorm.weight", "attn/q_norm/scale", (ql,), (ql,), _COPY),
+        _e(a + "q_b_proj.weight", "attn/wq_b", (h * qk, ql), (ql, h, qk), _heads_out(h)),
+    ]
+
+
+def _moe(cfg: ModelConfig, fused: bool) -> list[_Entry]:
+    """Router, routed experts (per expert, or transformers' fused form) and shared experts."""
+    d, n, f, shared = (
+        cfg.d_model,
+        cfg.moe.num_experts,
+        cfg.moe.expert_dim,
+        cfg.moe.num_shared_experts,
+    )
+    out = [
+        _e("mlp.gate.weight", "moe/router/kernel", (n, d), (d, n), _LINEAR),
+        _e("mlp.gate.e_score_correction_bias", "moe/router/bias", (n,), (n,), _COPY, "router_bias"),
+    ]
+    if fused:
+        gate_up = "moe/experts/wi_gate,moe/experts/wi_up"
+        out.append(
+            _e("mlp.experts.gate_up_proj", gate_up, (n, 2 * f, d), (n, d, f), _fused_gate_up(f))
+        )
+        out.append(_e("mlp.experts.down_proj", "moe/experts/wo", (n, d, f), (n, f, d), _FUSED_DOWN))
+    else:
+        for i in range(n):
+            out += _swiglu(f"mlp.experts.{i}.", "moe/experts/", d, f, expert=i)
+    if shared:
+        out += _swiglu("mlp.shared_experts.", "moe/shared/", d, f * shared)
+    return out
+
+
+def _layout(cfg: ModelConfig, *, fused: bool = False) -> _Layout:
+    """Every checkpoint tensor of `cfg` and every leaf of the variables tree."""
+    out = _Layout({}, {}, {})
+
+    def add(entries: list[_Entry], pre: str, stack: str, index: tuple[int, ...], size: tuple):
+        for entry in entries:
+            ix, sz = index, size
+            if entry.expert is not None:
+                ix, sz = (*index, entry.expert), (*size, cfg.moe.num_experts)
+            paths = entry.paths.split(",")
+            leaves = tuple((entry.collection, tuple((stack + p).split("/"))) for p in paths)
+            for leaf in leaves:
+                out.shapes[leaf], out.stacks[leaf] = sz + entry.shape, sz
+            out.slots[pre + entry.suffix] = _Slot(leaves, ix, entry.hf_shape, entry.map)
+
+    d, v = cfg.d_model, cfg.vocab_size
+    add([_e("model.embed_tokens.weight", "embed/embedding", (v, d), (v, d), _COPY)], "", "", (), ())
+    dense, ffn = _attention(cfg) + _swiglu("mlp.", "mlp/", d, cfg.dense_dim), []
+    if cfg.moe is not None:
+        ffn = _attention(cfg) + _moe(cfg, fused)
+    for i in range(cfg.num_layers):
+        pre, j = f"model.layers.{i}.", i - cfg.num_dense_layers
+        if j < 0:
+            add(dense, pre, "dense_layers/", (i,), (cfg.num_dense_layers,))
+        else:
+            add(ffn, pre, "moe_layers/", (j,), (cfg.num_moe_layers,))
+    mtp = [
+        _e("enorm.weight", "enorm/scale", (d,), (d,), _COPY),
+        _e("hnorm.weight", "hnorm/scale", (d,), (d,), _COPY),
+        _e("eh_proj.weight", "eh_proj/kernel", (d, 2 * d), (2 * d, d), _LINEAR),
+        _e("shared_head.norm.weight", "final_norm/scale", (d,), (d,), _COPY),
+    ]
+    for k in range(p := cfg.mtp_depth):
+        pre = f"model.layers.{cfg.num_layers + k}."
+        add(mtp, pre, "mtp/", (k,), (p,))
+        add(ffn if cfg.mtp_uses_moe else dense, pre, "mtp/block/", (k,), (p,))
+    add([_e("model.norm.weight", "final_norm/scale", (d,), (d,), _COPY)], "", "", (), ())
+    add([_e("lm_head.weight", "lm_head/kernel", (v, d), (d, v), _LINEAR)], "", "", (), ())
+    return out
+
+
+def _mtp_duplicates(cfg: ModelConfig) -> dict[str, str]:
+    """MTP copies of the shared embedding and head (written on save, ignored on load)."""
+    out = {}
+    for k in range(cfg.mtp_depth):
+        pre = f"model.layers.{cfg.num_layers + k}."
+        out[pre + "embed_tokens.weight"] = "model.embed_tokens.weight"
+        out[pre + "shared_head.head.weight"] = "lm_head.weight"
+    return out
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+class _Reader(contextlib.ExitStack):
+    """Lazily opened checkpoint files; reads one tensor at a time as numpy."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        super().__init__()
+        self.files = dict(files)  # tensor name -> file
+        self._open: dict[Path, Any] = {}
+        self._data_offsets: dict[Path, tuple[int, dict]] = {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = self.enter_context(safe_open(str(path), framework="numpy"))
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return self._handle(name).get_slice(name).get_dtype()
+
+    def read(self, name: str) -> np.ndarray:
+        dtype = self.dtype(name)
+        if dtype not in _RAW_DTYPES:
+            return self._handle(name).get_tensor(name)
+        # Raw read per the safetensors format: u64 header size, JSON header, data block.
+        path = self.files[name]
+        with open(path, "rb") as f:
+            if path not in self._data_offsets:
+                (size,) = struct.unpack("<Q", f.read(8))
+                self._data_offsets[path] = 8 + size, json.loads(f.read(size))
+            base, header = self._data_offsets[path]
+            start, end = header[name]["data_offsets"]
+            f.seek(base + start)
+            data = f.read(end - start)
+        return np.frombuffer(data, _RAW_DTYPES[dtype]).reshape(self.shape(name))
+
+
+def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """[R, C] FP8 weight times its per-block scale [ceil(R/br), ceil(C/bc)], in float32."""
+    (rows, cols), (br, bc) = w.shape, block
+    out = w.astype(np.float32)
+    for i in range(math.ceil(rows / br)):
+        # Row block by row block keeps the expanded scale to one block-row, not the whole matrix.
+        out[i * br : (i + 1) * br] *= np.repeat(scale_inv[i].astype(np.float32), bc)[:cols]
+    return out
+
+
+def _files(path: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, from the index or the single file."""
+    if (path / _INDEX).is_file():
+        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        files = {name: path / file for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} (listed in {path / _INDEX}) does not exist")
+        return files
+    if (path / _SINGLE).is_file():
+        with safe_open(str(path / _SINGLE), framework="numpy") as f:
+            return dict.fromkeys(f.keys(), path / _SINGLE)
+    raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
+
+
+def _mtp_depth(hf: Mapping[str, Any], names: set[str]) -> int:
+    """MTP modules actually present; a declared module with no tensors is not loaded."""
+    declared, first = declared_mtp_depth(hf), int(hf.get("num_hidden_layers", 0))
+    layers = {int(m[1]) for n in names if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    present = [k for k in range(declared) if first + k in layers]
+    if present and len(present) != declared:
+        absent = sorted(set(range(first, first + declared)) - {first + k for k in present})
+        raise ValueError(f"config.json declares {declared} MTP layers; layers {absent} are missing")
+    # transformers (5.24 included) writes num_nextn_predict_layers=1 by default but never saves
+    # MTP weights, so such a checkpoint loads as a model without MTP (mtp_depth=0).
+    return declared if present else 0
+
+
+def load(path: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """(cfg, variables) from a checkpoint directory (config.json + safetensors)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path / 'config.json'} does not exist")
+    hf = json.loads((path / "config.json").read_text())
+    files = _files(path)
+    cfg = config_from_hf(hf, mtp_depth=_mtp_depth(hf, set(files)), param_dtype=param_dtype)
+    layout, block = _layout(cfg), fp8_block_size(hf)
+    with _Reader(files) as reader:
+        plan = _plan(path, reader, cfg, layout, block)
+        # Names and shapes are known good: only now read the data, one tensor at a time.
+        dtype = jnp.dtype(param_dtype)
+        arrays = {
+            leaf: np.empty(shape, np.float32 if leaf[0] == "router_bias" else dtype)
+            for leaf, shape in layout.shapes.items()
+        }
+        for name, slot in plan.items():
+            x = reader.read(name)
+            if reader.dtype(name) in _RAW_DTYPES:
+                x = dequantize_fp8(x, reader.read(name + "_scale_inv"), block)
+            for leaf, value in zip(slot.leaves, slot.map.to_jax(x), strict=True):
+                arrays[leaf][slot.index] = value
+    variables: dict[str, Any] = {}
+    for leaf in list(arrays):
+        collection, keys = leaf
+        node = variables.setdefault(collection, {})
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = jnp.asarray(arrays.pop(leaf))  # host copy dropped once on device
+    return cfg, variables
+
+
+def _plan(
+    path: Path, reader: _Reader, cfg: ModelConfig, layout: _Layout, block: tuple[int, int]
+) -> dict[str, _Slot]:
+    """Checkpoint name -> slot for every tensor to read; raises on unexpected/missing/bad shape."""
+    fused = _layout(cfg, fused=True).slots
+    ignored = set(_mtp_duplicates(cfg))
+    plan, unexpected = {}, []
+    for name in sorted(reader.files):
+        slot = layout.slots.get(name) or fused.get(name)
+        if slot is not None:
+            plan[name] = slot
+        elif not (name in ignored or name.endswith("rotary_emb.inv_freq")):
+            base = name.removesuffix("_scale_inv")
+            if base == name or base not in reader.files or reader.dtype(base) not in _RAW_DTYPES:
+                unexpected.append(name)
+    if unexpected:
+        raise ValueError(f"{path}: {len(unexpected)} unexpected tensors: {unexpected[:20]}")
+    filled = {leaf: np.zeros(stack, bool) for leaf, stack in layout.stacks.items()}
+    for name, slot in plan.items():
+        _check_shape(reader, name, slot.hf_shape, block)
+        for leaf in slot.leaves:
+            if filled[leaf][slot.index].any():
+                raise ValueError(f"{path}: {name} fills {'/'.join(leaf[1])} a second time")
+            filled[leaf][slot.index] = True
+    missing = [
+        name
+        for name, slot in layout.slots.items()
+        if not all(filled[leaf][slot.index].all() for leaf in slot.leaves)
+    ]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} missing tensors: {missing[:20]}")
+    return plan
+
+
+def _check_shape(reader: _Reader, name: str, want: tuple[int, ...], block: tuple[int, int]):
+    got, dtype = reader.shape(name), reader.dtype(name)
+    if got != want:
+        raise ValueError(f"tensor {name!r} has shape {got}; config.json implies {want}")
+    if dtype not in _FLOAT_DTYPES and dtype not in _RAW_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {dtype} (valid: {_FLOAT_DTYPES}, F8_E4M3)")
+    if dtype in _RAW_DTYPES:
+        scale = name + "_scale_inv"
+        if len(want) != 2 or scale not in reader.files:
+            raise ValueError(f"FP8 tensor {name!r} needs a 2D weight and a {scale!r} tensor")
+        blocks = tuple(math.ceil(n / b) for n, b in zip(want, block, strict=True))
+        if reader.shape(scale) != blocks:
+            raise ValueError(
+                f"tensor {scale!r} has shape {reader.shape(scale)}; {want} in {block} blocks "
+                f"implies {blocks}"
+            )
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _leaves(variables: Mapping[str, Any], shapes: Mapping[_Leaf, tuple]) -> dict[_Leaf, Any]:
+    """The leaves of `variables`, checked to be exactly those (and the shapes) cfg implies."""
+    flat = jax.tree_util.tree_flatten_with_path(dict(variables))[0]
+    found = {(path[0].key, tuple(k.key for k in path[1:])): x for path, x in flat}
+    for leaf in found.keys() - shapes.keys():
+        raise ValueError(f"variables {leaf[0]}/{'/'.join(leaf[1])} has no checkpoint name")
+    for leaf, shape in shapes.items():
+        name = f"{leaf[0]}/{'/'.join(leaf[1])}"
+        if leaf not in found:
+            raise ValueError(f"variables lack {name} (cfg implies shape {shape})")
+        if tuple(found[leaf].shape) != shape:
+            raise ValueError(f"variables {name} has shape {found[leaf].shape}, cfg implies {shape}")
+    return found
+
+
+def save(
+    cfg: ModelConfig,
+    variables: Mapping[str, Any],
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: float = 5e9,
+) -> None:
+    """Write config.json and safetensors (sharded with an index when over max_shard_bytes)."""
+    path = Path(path)
+    layout = _layout(cfg)
+    leaves = _leaves(variables, layout.shapes)
+    param_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    sources = {name: name for name in layout.slots} | _mtp_duplicates(cfg)
+
+    def dtype(name: str) -> np.dtype:
+        # The router bias stays float32, as in DeepSeek's and transformers' checkpoints.
+        collection = layout.slots[sources[name]].leaves[0][0]
+        return np.dtype(np.float32) if collection == "router_bias" else param_dtype
+
+    def tensor(name: str) -> np.ndarray:
+        slot = layout.slots[sources[name]]
+        (leaf,) = slot.leaves
+        x = np.asarray(leaves[leaf][slot.index], dtype(name))  # one slice on host at a time
+        return np.ascontiguousarray(slot.map.to_hf(x))
+
+    nbytes = {
+        n: math.prod(layout.slots[s].hf_shape) * dtype(n).itemsize for n, s in sources.items()
+    }
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in sources:
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes[name]
+    n = len(shards)
+    files = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    path.mkdir(parents=True, exist_ok=True)
+    # Shards or an index left by an earlier save would be read together with the new files.
+    for old in path.iterdir():
+        if (old.name in (_SINGLE, _INDEX) or _SHARD.fullmatch(old.name)) and old.name not in files:
+            old.unlink()
+    for file, names in zip(files, shards, strict=True):
+        tensors = {name: tensor(name) for name in names}
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+    if n > 1:
+        weight_map = {
+            name: file for file, names in zip(files, shards, strict=True) for name in names
+        }
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+        (path / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")

@@ -1,0 +1,67 @@
+"""Small building blocks shared by the attention, MoE and transformer modules."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+
+
+def partitioned_normal(std: float, names: Sequence[str | None]):
+    """A normal(std) initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(nn.initializers.normal(std), tuple(names))
+
+
+def partitioned_ones(names: Sequence[str | None]):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled by a learned per-channel multiplier."""
+
+    eps: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", partitioned_ones((self.axis_name,)), (x.shape[-1],), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def swiglu(x: jax.Array, wi_gate: jax.Array, wi_up: jax.Array, wo: jax.Array) -> jax.Array:
+    """w2(silu(w1 x) * w3 x) with kernels laid out [in, out]."""
+    return (jax.nn.silu(x @ wi_gate) * (x @ wi_up)) @ wo
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block (dense layers and shared experts)."""
+
+    hidden_dim: int
+    init_std: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+        d = x_BxTxD.shape[-1]
+        init_in = partitioned_normal(self.init_std, ("embed", "mlp"))
+        init_out = partitioned_normal(self.init_std, ("mlp", "embed"))
+        wi_gate = self.param("wi_gate", init_in, (d, self.hidden_dim), self.param_dtype)
+        wi_up = self.param("wi_up", init_in, (d, self.hidden_dim), self.param_dtype)
+        wo = self.param("wo", init_out, (self.hidden_dim, d), self.param_dtype)
+        cast = lambda w: jnp.asarray(w, self.dtype)
+        h = jax.nn.silu(x_BxTxD @ cast(wi_gate)) * (x_BxTxD @ cast(wi_up))
+        h = nn.with_logical_constraint(
+            h, ("activation_batch", "activation_length", "activation_mlp")
+        )
+        return h @ cast(wo)

@@ -1,0 +1,144 @@
+"""DeepSeekMoE layer: shared experts plus fine-grained routed experts, no token dropping."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from model import grouped_matmul as gmm
+from model.config import GroupedMatmul, MoEConfig
+from model.layers import MLP, partitioned_normal, swiglu
+from model.routing import expert_counts, route, sequence_balance_loss
+
+
+@struct.dataclass
+class MoEAux:
+    """Per-layer routing statistics: token copies per expert [E] and the balance loss."""
+
+    expert_counts: jax.Array
+    balance_loss: jax.Array
+
+
+def routed_experts(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+    cfg: MoEConfig,
+) -> jax.Array:
+    """Sum_k weight_k * Expert_k(x) via expert-sorted grouped matmuls (cost ~ routed rows)."""
+    impl = gmm.resolve(cfg.grouped_matmul)
+    E = w["wi_gate"].shape[0]
+    if impl is GroupedMatmul.TILED_SCAN:
+        tile = gmm.choose_tile(experts_NxK.size, E, cfg.tile_rows)
+    else:
+        tile = 1
+    layout = gmm.sort_by_expert(experts_NxK, E, tile)
+    x_PxD = gmm.permute(x_NxD, layout)
+    gate = gmm.grouped_matmul(x_PxD, w["wi_gate"], layout, impl)
+    up = gmm.grouped_matmul(x_PxD, w["wi_up"], layout, impl)
+    y_PxD = gmm.grouped_matmul(jax.nn.silu(gate) * up, w["wo"], layout, impl)
+    return gmm.unpermute(y_PxD, layout, weights_NxK)
+
+
+def routed_experts_reference(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+) -> jax.Array:
+    """Plain loop over experts, each applied densely to every token (tests only)."""
+    out_NxD = jnp.zeros_like(x_NxD)
+    for e in range(w["wi_gate"].shape[0]):
+        coeff_N = jnp.where(experts_NxK == e, weights_NxK, 0.0).sum(-1).astype(x_NxD.dtype)
+        y_NxD = swiglu(x_NxD, w["wi_gate"][e], w["wi_up"][e], w["wo"][e])
+        out_NxD = out_NxD + coeff_N[:, None] * y_NxD
+    return out_NxD
+
+
+class RoutedExperts(nn.Module):
+    """Holds the routed expert weights [E, D, F] / [E, F, D]."""
+
+    cfg: MoEConfig
+    init_std: float
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, d_model: int) -> dict[str, jax.Array]:
+        c = self.cfg
+        shape_in = (c.num_experts, d_model, c.expert_dim)
+        shape_out = (c.num_experts, c.expert_dim, d_model)
+        init_in = partitioned_normal(self.init_std, ("exp", "embed", "mlp"))
+        init_out = partitioned_normal(self.init_std, ("exp", "mlp", "embed"))
+        return {
+            "wi_gate": self.param("wi_gate", init_in, shape_in, self.param_dtype),
+            "wi_up": self.param("wi_up", init_in, shape_in, self.param_dtype),
+            "wo": self.param("wo", init_out, shape_out, self.param_dtype),
+        }
+
+
+class Router(nn.Module):
+    """fp32 sigmoid gate; its correction bias lives in the 'router_bias' collection."""
+
+    cfg: MoEConfig
+    init_std: float
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array) -> tuple[jax.Array, jax.Array]:
+        E = self.cfg.num_experts
+        kernel = self.param(
+            "kernel",
+            partitioned_normal(self.init_std, ("embed", None)),
+            (x_NxD.shape[-1], E),
+            self.param_dtype,
+        )
+        # Not a parameter: no gradient, no weight decay; the trainer updates it from loads.
+        bias = self.variable(
+            "router_bias",
+            "bias",
+            nn.with_logical_partitioning(jnp.zeros, ("exp",)),
+            (E,),
+            jnp.float32,
+        )
+        logits = x_NxD.astype(jnp.float32) @ kernel.astype(jnp.float32)
+        return jax.nn.sigmoid(logits), bias.value
+
+
+class MoE(nn.Module):
+    """x [B, T, D] -> (routed + shared expert output [B, T, D], MoEAux)."""
+
+    cfg: MoEConfig
+    init_std: float
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, MoEAux]:
+        c = self.cfg
+        B, T, D = x_BxTxD.shape
+        x_NxD = x_BxTxD.reshape(B * T, D)
+        scores_NxE, bias_E = Router(c, self.init_std, self.param_dtype, name="router")(x_NxD)
+        experts_NxK, weights_NxK = route(scores_NxE, bias_E, c)
+        w = RoutedExperts(c, self.init_std, self.param_dtype, name="experts")(D)
+        w = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), w)
+        out_NxD = routed_experts(x_NxD, experts_NxK, weights_NxK, w, c)
+        out_BxTxD = out_NxD.reshape(B, T, D)
+        if c.num_shared_experts:
+            shared = MLP(
+                c.expert_dim * c.num_shared_experts,
+                self.init_std,
+                self.dtype,
+                self.param_dtype,
+                name="shared",
+            )
+            out_BxTxD = out_BxTxD + shared(x_BxTxD)
+        aux = MoEAux(
+            expert_counts=expert_counts(experts_NxK, c.num_experts),
+            balance_loss=sequence_balance_loss(
+                scores_NxE.reshape(B, T, -1), experts_NxK.reshape(B, T, -1), c.top_k
+            ),
+        )
+        return out_BxTxD, aux

@@ -1,0 +1,1 @@
+"""Pallas kernels (FP8 GEMM, MoE dispatch/combine) beside pure-jnp references (kernels issue)."""

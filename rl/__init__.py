@@ -1,0 +1,1 @@
+"""RL: GRPO, rollouts, rule-based and sandboxed rewards, rejection sampling (RL issues)."""

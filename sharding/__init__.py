@@ -1,0 +1,1 @@
+"""Meshes, logical-axis rules, expert parallelism, multi-host start-up (sharding issue)."""

@@ -1,0 +1,148 @@
+"""Behaviour of the full model: causality, remat, jit, packed segments, MTP, dtypes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import model
+from model import GroupedMatmul, RematPolicy
+from model.transformer import Transformer
+
+B, T = 2, 12
+forward = jax.jit(model.forward, static_argnums=0)
+
+
+def _tokens(cfg, seed=1, shape=(B, T)):
+    return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size)
+
+
+@pytest.fixture
+def variables(cfg):
+    return model.init(cfg, jax.random.key(0))
+
+
+def test_shapes_and_aux(cfg, variables):
+    out = forward(cfg, variables, _tokens(cfg))
+    assert out.logits.shape == (B, T, cfg.vocab_size) and out.logits.dtype == jnp.float32
+    assert len(out.mtp_logits) == cfg.mtp_depth
+    assert all(m.shape == out.logits.shape for m in out.mtp_logits)
+    counts = np.asarray(out.aux.expert_counts)
+    assert counts.shape == (cfg.num_moe_layers, cfg.moe.num_experts)
+    np.testing.assert_array_equal(counts.sum(-1), B * T * cfg.moe.top_k)
+    assert out.aux.balance_loss.shape == (cfg.num_moe_layers,)
+    assert np.asarray(out.aux.mtp_expert_counts).sum() == cfg.mtp_depth * B * T * cfg.moe.top_k
+    assert "router_bias" in variables
+    assert "bias" not in str(jax.tree_util.tree_structure(variables["params"]))
+
+
+def _make_input_gradients(cfg):
+    """d (logits of head `depth` at position t) / d embedded inputs [B, T, D], jitted once."""
+    module = Transformer(cfg)
+
+    @jax.jit
+    def grads(variables, tokens, depth, t):
+        positions = jnp.broadcast_to(jnp.arange(T), tokens.shape)
+
+        def f(p):
+            logits, mtp, _, _ = module.apply(
+                {**variables, "perturbations": p}, tokens, positions, None
+            )
+            heads = jnp.stack([logits, *mtp])
+            return jax.lax.dynamic_index_in_dim(heads, depth, keepdims=False)[:, t].sum()
+
+        return jax.grad(f)({"embedded": jnp.zeros((B, T, cfg.d_model))})["embedded"]
+
+    return grads
+
+
+def test_causality(cfg, variables):
+    tokens = _tokens(cfg)
+    grads = _make_input_gradients(cfg)
+    for t in (0, 5, T - 1):
+        for depth in range(cfg.mtp_depth + 1):
+            # Head `depth` at position t reads tokens up to t + depth (MTP input embeddings).
+            g = np.asarray(grads(variables, tokens, depth, t))
+            assert np.all(g[:, t + depth + 1 :] == 0.0), (t, depth)
+            assert np.abs(g[:, : t + 1]).sum() > 0
+
+
+def test_remat_equals_no_remat(cfg, variables):
+    tokens = _tokens(cfg)
+
+    @jax.jit
+    def value_and_grads(params, c):
+        def loss(params):
+            out = model.forward(c, {**variables, "params": params}, tokens)
+            return out.logits.mean() + sum(m.mean() for m in out.mtp_logits)
+
+        return jax.value_and_grad(loss)(params)
+
+    value_and_grads = jax.jit(value_and_grads.__wrapped__, static_argnums=1)
+    value, grads = value_and_grads(variables["params"], cfg)
+    for policy in (RematPolicy.FULL, RematPolicy.DOTS):
+        rvalue, rgrads = value_and_grads(variables["params"], cfg.replace(remat=policy))
+        np.testing.assert_allclose(rvalue, value, rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(rgrads), jax.tree.leaves(grads), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_jit_equals_no_jit(cfg, variables):
+    tokens = _tokens(cfg)
+    eager = model.forward(cfg, variables, tokens)
+    jitted = jax.jit(model.forward, static_argnums=0)(cfg, variables, tokens)
+    np.testing.assert_allclose(jitted.logits, eager.logits, atol=1e-5, rtol=1e-5)
+    for a, b in zip(jitted.mtp_logits, eager.mtp_logits, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_segments_do_not_attend_across_documents(cfg, variables):
+    cfg = cfg.replace(mtp_depth=0)
+    variables = model.init(cfg, jax.random.key(0))
+    split = 5
+    tokens = _tokens(cfg, shape=(1, T))
+    segment_ids = jnp.array([[1] * split + [2] * (T - split)])
+    positions = jnp.array([list(range(split)) + list(range(T - split))])
+    packed = forward(cfg, variables, tokens, positions=positions, segment_ids=segment_ids)
+    first = forward(cfg, variables, tokens[:, :split])
+    second = forward(cfg, variables, tokens[:, split:])
+    np.testing.assert_allclose(packed.logits[:, :split], first.logits, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(packed.logits[:, split:], second.logits, atol=1e-5, rtol=1e-5)
+    # Without segment ids the second document does see the first one.
+    unmasked = forward(cfg, variables, tokens, positions=positions)
+    assert np.abs(np.asarray(unmasked.logits[:, split:] - second.logits)).max() > 1e-3
+
+
+def test_grouped_matmul_backends_agree_in_the_model(cfg, variables):
+    tokens = _tokens(cfg)
+    outs = []
+    for impl in (GroupedMatmul.TILED_SCAN, GroupedMatmul.RAGGED_DOT):
+        c = cfg.replace(moe=cfg.moe.__class__(**{**cfg.moe.__dict__, "grouped_matmul": impl}))
+        outs.append(forward(c, variables, tokens).logits)
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_router_bias_steers_routing(cfg, variables):
+    tokens = _tokens(cfg)
+    bias = variables["router_bias"]["moe_layers"]["moe"]["router"]["bias"]
+    boosted = bias.at[:, 0].set(10.0)  # every token now picks expert 0
+    rb = {**variables["router_bias"]}
+    rb["moe_layers"] = {"moe": {"router": {"bias": boosted}}}
+    out = forward(cfg, {**variables, "router_bias": rb}, tokens)
+    np.testing.assert_array_equal(np.asarray(out.aux.expert_counts)[:, 0], B * T)
+
+
+def test_bfloat16_compute_runs_and_stays_close(cfg, variables):
+    tokens = _tokens(cfg)
+    f32 = np.asarray(forward(cfg, variables, tokens).logits)
+    bf16 = forward(cfg.replace(dtype="bfloat16"), variables, tokens).logits
+    assert bf16.dtype == jnp.float32
+    # bf16 rounding can flip a few routing decisions; on average the logits stay close.
+    assert np.abs(np.asarray(bf16) - f32).mean() < 0.05 * np.abs(f32).mean()
+
+
+def test_forward_rejects_bad_token_rank(cfg, variables):
+    with pytest.raises(ValueError, match="tokens"):
+        model.forward(cfg, variables, jnp.zeros((T,), jnp.int32))

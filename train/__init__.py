@@ -1,0 +1,1 @@
+"""Training: data pipeline, optimizer, train steps, loop, checkpoints (pre-training issue)."""
