@@ -146,3 +146,20 @@ def test_bfloat16_compute_runs_and_stays_close(cfg, variables):
 def test_forward_rejects_bad_token_rank(cfg, variables):
     with pytest.raises(ValueError, match="tokens"):
         model.forward(cfg, variables, jnp.zeros((T,), jnp.int32))
+
+
+def test_logical_axes_name_every_weight():
+    from jax.sharding import PartitionSpec as P
+
+    from tests.conftest import tiny_config
+
+    axes = model.logical_axes(tiny_config())
+    params = axes["params"]
+    assert params["moe_layers"]["moe"]["experts"]["wi_gate"] == P("layers", "exp", "embed", "mlp")
+    assert params["moe_layers"]["attn"]["wkv_b"] == P("layers", "kv_lora", "heads", "kv")
+    assert params["embed"]["embedding"] == P("vocab", "embed")
+    assert params["mtp"]["eh_proj"]["kernel"] == P("mtp_layers", "mtp_concat", "embed")
+    assert axes["router_bias"]["moe_layers"]["moe"]["router"]["bias"] == P("layers", "exp")
+    # No mesh axis names inside model/: only logical names appear.
+    names = {n for spec in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, P)) for n in spec}
+    assert not names & {"data", "fsdp", "expert", "tensor"}
