@@ -19,6 +19,7 @@ import math
 import os
 import re
 import struct
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -264,17 +265,25 @@ def save(
     n = len(shards)
     files = [_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     path.mkdir(parents=True, exist_ok=True)
-    # Shards or an index left by an earlier save would be read together with the new files.
-    for old in path.iterdir():
-        if (old.name in (_SINGLE, _INDEX) or _SHARD.fullmatch(old.name)) and old.name not in files:
-            old.unlink()
-    for file, names in zip(files, shards, strict=True):
-        tensors = {name: tensor(name) for name in names}
-        save_file(tensors, str(path / file), metadata={"format": "pt"})
-    if n > 1:
-        weight_map = {
-            name: file for file, names in zip(files, shards, strict=True) for name in names
-        }
-        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
-        (path / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+    # Write everything into a scratch folder first: a failure half-way (disk full, a bad leaf)
+    # leaves any checkpoint already in `path` untouched.
+    with tempfile.TemporaryDirectory(dir=path, prefix=".saving-") as scratch:
+        scratch = Path(scratch)
+        for file, names in zip(files, shards, strict=True):
+            tensors = {name: tensor(name) for name in names}
+            save_file(tensors, str(scratch / file), metadata={"format": "pt"})
+        if n > 1:
+            weight_map = {
+                name: file for file, names in zip(files, shards, strict=True) for name in names
+            }
+            index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+            (scratch / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (scratch / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        # Shards or an index left by an earlier save would be read together with the new files.
+        for old in path.iterdir():
+            if (old.name in (_SINGLE, _INDEX) or _SHARD.fullmatch(old.name)) and not (
+                scratch / old.name
+            ).exists():
+                old.unlink()
+        for new in scratch.iterdir():
+            os.replace(new, path / new.name)

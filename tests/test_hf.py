@@ -187,6 +187,26 @@ def test_save_load_round_trip_is_exact(mtp_checkpoint, tmp_path, max_shard_bytes
     _assert_trees_equal(variables, variables2)
 
 
+def test_failed_save_keeps_the_previous_checkpoint(mtp_checkpoint, tmp_path, monkeypatch):
+    cfg, variables = hf.load(mtp_checkpoint[0])
+    hf.save(cfg, variables, tmp_path, max_shard_bytes=20_000)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    calls = []
+
+    def failing_save_file(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 1:
+            raise OSError("disk full")
+        return save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(hf, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        hf.save(cfg, variables, tmp_path)  # single-file layout would replace the shards
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saving-")]
+
+
 def test_transformers_loads_what_save_writes(checkpoints, mtp_checkpoint, tmp_path):
     # YaRN exercises the rope_scaling form of config.json; the MTP tensors must be ignored.
     path, m = checkpoints["yarn-noqlora-moe-only"]
