@@ -115,11 +115,13 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = True
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
-    tile_rows: int = 256  # rows per tile of the CPU tiled-scan grouped matmul
+    # Rows per tile of the CPU tiled-scan grouped matmul; None picks one from the routed rows.
+    tile_rows: int | None = None
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "expert_dim", "num_groups", "top_groups")
-        _positive(self, "tile_rows")
+        if self.tile_rows is not None:
+            _positive(self, "tile_rows")
         _non_negative(self, "num_shared_experts")
         _positive_float(self, "routed_scaling_factor")
         if self.top_k > self.num_experts:

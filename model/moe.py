@@ -31,10 +31,12 @@ def routed_experts(
     """Sum_k weight_k * Expert_k(x) via expert-sorted grouped matmuls (cost ~ routed rows)."""
     impl = gmm.resolve(cfg.grouped_matmul)
     E = w["wi_gate"].shape[0]
-    if impl is GroupedMatmul.TILED_SCAN:
-        tile = gmm.choose_tile(experts_NxK.size, E, cfg.tile_rows)
-    else:
+    if impl is not GroupedMatmul.TILED_SCAN:
         tile = 1
+    elif cfg.tile_rows is None:
+        tile = gmm.choose_tile(experts_NxK.size, E)
+    else:
+        tile = cfg.tile_rows
     layout = gmm.sort_by_expert(experts_NxK, E, tile)
     x_PxD = gmm.permute(x_NxD, layout)
     gate = gmm.grouped_matmul(x_PxD, w["wi_gate"], layout, impl)

@@ -91,6 +91,7 @@ def test_tiled_scan_skips_unused_tiles_and_cost_tracks_routed_rows():
 
 
 def test_choose_tile():
-    assert gmm.choose_tile(8192, 32, 256) == 256
-    assert gmm.choose_tile(64, 8, 256) == 8
-    assert gmm.choose_tile(1000, 8, 64) == 64
+    assert gmm.choose_tile(8192, 32, 256) == 64  # bench-d512: mean 256 rows per expert
+    assert gmm.choose_tile(8192, 16, 256) == 128  # bench-small: mean 512
+    assert gmm.choose_tile(64, 8, 256) == 8  # floor
+    assert gmm.choose_tile(1 << 20, 8, 256) == 256  # cap
