@@ -136,15 +136,16 @@ def _tiled_scan_bwd(tile, residuals, dy_PxO):
 
         def accumulate():
             old = jax.lax.dynamic_index_in_dim(dw_ExIxO, expert, keepdims=False)
-            new = old + (x_tile.T @ dy_tile).astype(dw_ExIxO.dtype)
+            new = old + jnp.dot(x_tile.T, dy_tile, preferred_element_type=jnp.float32)
             return jax.lax.dynamic_update_index_in_dim(dw_ExIxO, new, expert, 0)
 
         return jax.lax.cond(index < used_tiles, accumulate, lambda: dw_ExIxO), None
 
     indices = jnp.arange(x_PxI.shape[0] // tile, dtype=jnp.int32)
     inputs = (_tiles(x_PxI, tile), _tiles(dy_PxO, tile), tile_expert, indices)
-    dw, _ = jax.lax.scan(one_tile, jnp.zeros_like(w_ExIxO), inputs)
-    return dx, dw, None, None
+    # Accumulate in float32 so bf16 compute does not round the sum over an expert's tiles.
+    dw, _ = jax.lax.scan(one_tile, jnp.zeros(w_ExIxO.shape, jnp.float32), inputs)
+    return dx, dw.astype(w_ExIxO.dtype), None, None
 
 
 _tiled_scan.defvjp(_tiled_scan_fwd, _tiled_scan_bwd)

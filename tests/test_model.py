@@ -163,3 +163,17 @@ def test_logical_axes_name_every_weight():
     # No mesh axis names inside model/: only logical names appear.
     names = {n for spec in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, P)) for n in spec}
     assert not names & {"data", "fsdp", "expert", "tensor"}
+
+
+def test_program_size_does_not_grow_with_depth():
+    from tests.conftest import tiny_config
+
+    def size(num_layers):
+        cfg = tiny_config(num_layers=num_layers)
+        variables = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+        tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda v, t: model.forward(cfg, v, t))(variables, tokens)
+        return len(str(jaxpr))
+
+    # Layers are scanned: 3 and 12 layers trace to the same program (only shapes differ).
+    assert abs(size(12) - size(3)) < 0.01 * size(3)
