@@ -15,10 +15,12 @@ from model.routing import expert_counts, route, sequence_balance_loss
 
 @struct.dataclass
 class MoEAux:
-    """Per-layer routing statistics: token copies per expert [E] and the balance loss."""
+    """Per-layer routing statistics: token copies per expert [E], the sequence-wise balance
+    loss (V3), and the same loss over the whole batch (a GShard/Switch-style auxiliary loss)."""
 
     expert_counts: jax.Array
     balance_loss: jax.Array
+    batch_balance_loss: jax.Array
 
 
 def routed_experts(
@@ -142,5 +144,6 @@ class MoE(nn.Module):
             balance_loss=sequence_balance_loss(
                 scores_NxE.reshape(B, T, -1), experts_NxK.reshape(B, T, -1), c.top_k
             ),
+            batch_balance_loss=sequence_balance_loss(scores_NxE[None], experts_NxK[None], c.top_k),
         )
         return out_BxTxD, aux

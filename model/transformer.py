@@ -21,13 +21,16 @@ class Aux:
 
     expert_counts [L_moe, E]: token copies routed to each expert over the whole batch, per MoE
     layer (the input of the bias update). balance_loss [L_moe]: sequence-wise balance loss
-    (unweighted). mtp_* are the same for the MTP blocks, [mtp_depth, ...].
+    (unweighted, V3). batch_balance_loss [L_moe]: the same formula over the whole batch, the
+    GShard/Switch auxiliary loss (for ablations). mtp_* are the same for the MTP blocks.
     """
 
     expert_counts: jax.Array | None
     balance_loss: jax.Array | None
+    batch_balance_loss: jax.Array | None
     mtp_expert_counts: jax.Array | None
     mtp_balance_loss: jax.Array | None
+    mtp_batch_balance_loss: jax.Array | None
 
 
 class Block(nn.Module):
@@ -135,14 +138,13 @@ class Transformer(nn.Module):
         if c.num_dense_layers:
             stack = scan_blocks(c, False, c.num_dense_layers, "dense_layers")
             x_BxTxD, _ = stack(x_BxTxD, positions_BxT, segment_ids_BxT)
-        counts = balance = None
+        moe_aux = mtp_aux = None
         if c.num_moe_layers:
             stack = scan_blocks(c, True, c.num_moe_layers, "moe_layers")
             x_BxTxD, moe_aux = stack(x_BxTxD, positions_BxT, segment_ids_BxT)
-            counts, balance = moe_aux.expert_counts, moe_aux.balance_loss
         hidden_BxTxD = final_norm(x_BxTxD)
 
-        mtp_logits, mtp_counts, mtp_balance = (), None, None
+        mtp_logits = ()
         if c.mtp_depth:
             # Depth k reads the embedding of token i + k; the last k positions see padding (0)
             # and have no target, so their MTP logits are meaningless and must be masked.
@@ -163,7 +165,9 @@ class Transformer(nn.Module):
                 hidden_BxTxD, embed(shifted_PxBxT), positions_BxT, segment_ids_BxT
             )
             mtp_logits = tuple(logits(mtp_hidden[k]) for k in range(c.mtp_depth))
-            if mtp_aux is not None:
-                mtp_counts, mtp_balance = mtp_aux.expert_counts, mtp_aux.balance_loss
-        aux = Aux(counts, balance, mtp_counts, mtp_balance)
+        fields = ("expert_counts", "balance_loss", "batch_balance_loss")
+        aux = Aux(
+            *(getattr(moe_aux, f) if moe_aux is not None else None for f in fields),
+            *(getattr(mtp_aux, f) if mtp_aux is not None else None for f in fields),
+        )
         return logits(hidden_BxTxD), mtp_logits, hidden_BxTxD, aux

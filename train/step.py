@@ -1,0 +1,231 @@
+"""Pure train and eval steps: CE + lambda * MTP + alpha * balance loss, and the bias update.
+
+After the optimizer update the router correction bias of every MoE layer moves by
+gamma * sign(mean_load - load), with loads counted over the step's whole (global) batch: an
+overloaded expert becomes less likely to be picked, an idle one more (V3's auxiliary-loss-free
+balancing). The weights of the chosen experts never see the bias.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import model
+from model import ModelConfig
+from train.optimizer import LRSchedule
+from train.state import TrainState
+
+
+class Balancing(enum.Enum):
+    """How expert load is balanced (the balance-ablation experiment compares them)."""
+
+    LOSS_FREE = "loss_free"  # V3: bias update + a tiny sequence-wise balance loss
+    AUX_LOSS = "aux_loss"  # GShard/Switch: batch-level auxiliary loss, no bias update
+    NONE = "none"
+
+
+class NonFinite(enum.Enum):
+    """What a non-finite loss or gradient does."""
+
+    HALT = "halt"  # the loop stops with an error (nothing is saved from the bad step)
+    SKIP = "skip"  # the update is dropped, the step counted in `skipped`
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and balancing, V3's defaults; optional step-based switches."""
+
+    mtp_weight: float = 0.3  # lambda (V3: 0.3 for the first 10T tokens ...)
+    mtp_weight_late: float = 0.1  # ... then 0.1
+    mtp_weight_switch_step: int | None = None
+    balance_weight: float = 1e-4  # alpha of the sequence-wise balance loss
+    balancing: Balancing = Balancing.LOSS_FREE
+    aux_loss_weight: float = 1e-2  # coefficient of the batch-level loss under AUX_LOSS
+    bias_update_rate: float = 1e-3  # gamma (V3: 0.001, 0 for the last 500B tokens)
+    bias_update_stop_step: int | None = None
+    mask_documents: bool = False  # attend and predict only within a packed document
+    nonfinite: NonFinite = NonFinite.HALT
+
+    def __post_init__(self):
+        for name in ("mtp_weight", "mtp_weight_late", "balance_weight", "aux_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"LossConfig.{name} = {getattr(self, name)!r}: must be >= 0")
+        if not self.bias_update_rate >= 0:
+            raise ValueError(
+                f"LossConfig.bias_update_rate = {self.bias_update_rate!r}: must be >= 0"
+            )
+        for name in ("mtp_weight_switch_step", "bias_update_stop_step"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"LossConfig.{name} = {value!r}: must be None or an int >= 0")
+        for name, kind in (("balancing", Balancing), ("nonfinite", NonFinite)):
+            if not isinstance(getattr(self, name), kind):
+                valid = [m.value for m in kind]
+                raise ValueError(
+                    f"LossConfig.{name} = {getattr(self, name)!r}: must be one of {valid}"
+                )
+
+    def mtp_weight_at(self, step: jax.Array) -> jax.Array:
+        if self.mtp_weight_switch_step is None:
+            return jnp.asarray(self.mtp_weight, jnp.float32)
+        late = step >= self.mtp_weight_switch_step
+        return jnp.where(late, self.mtp_weight_late, self.mtp_weight).astype(jnp.float32)
+
+    def bias_rate_at(self, step: jax.Array) -> jax.Array:
+        if self.balancing is not Balancing.LOSS_FREE:
+            return jnp.zeros((), jnp.float32)
+        if self.bias_update_stop_step is None:
+            return jnp.asarray(self.bias_update_rate, jnp.float32)
+        stopped = step >= self.bias_update_stop_step
+        return jnp.where(stopped, 0.0, self.bias_update_rate).astype(jnp.float32)
+
+
+def _masked_ce(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
+    """(sum of CE over masked positions, number of positions)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (ce * mask).sum(), mask.sum()
+
+
+def _shift(x: jax.Array, k: int) -> jax.Array:
+    """x[:, i + k] at position i, zero past the end."""
+    return jnp.pad(x[:, k:], ((0, 0), (0, k)))
+
+
+def token_losses(cfg: ModelConfig, out: model.Output, batch: dict, mask_documents: bool) -> dict:
+    """Sums and counts of main and per-depth MTP cross-entropies over the batch."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    sums = {"ce": _masked_ce(out.logits, batch["targets"], mask)}
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        # Depth k at position i predicts token i + k + 1, i.e. targets[i + k].
+        mask_k = _shift(mask, k)
+        if mask_documents:
+            mask_k = mask_k * (_shift(batch["segment_ids"], k) == batch["segment_ids"])
+        sums[f"mtp_{k}"] = _masked_ce(logits, _shift(batch["targets"], k), mask_k)
+    return sums
+
+
+def _mean(pair) -> jax.Array:
+    total, count = pair
+    return total / jnp.maximum(count, 1.0)
+
+
+def forward(cfg: ModelConfig, variables: dict, batch: dict, mask_documents: bool) -> model.Output:
+    return model.forward(
+        cfg,
+        variables,
+        batch["inputs"],
+        positions=batch["positions"],
+        segment_ids=batch["segment_ids"] if mask_documents else None,
+    )
+
+
+def _sum_layers(*values) -> jax.Array:
+    return sum((v.sum() for v in values if v is not None), jnp.zeros((), jnp.float32))
+
+
+def max_violation(counts_LxE: jax.Array) -> jax.Array:
+    """MaxVio per layer: max load / mean load - 1."""
+    counts = counts_LxE.astype(jnp.float32)
+    return counts.max(-1) / jnp.maximum(counts.mean(-1), 1e-9) - 1.0
+
+
+def update_router_bias(router_bias: dict, aux: model.transformer.Aux, rate: jax.Array) -> dict:
+    """b += rate * sign(mean_load - load) per MoE layer (and MTP block) from global counts."""
+
+    def moved(bias_LxE, counts_LxE):
+        counts = counts_LxE.astype(jnp.float32)
+        return bias_LxE + rate * jnp.sign(counts.mean(-1, keepdims=True) - counts)
+
+    new = jax.tree.map(lambda x: x, router_bias)
+    if aux.expert_counts is not None:
+        router = new["moe_layers"]["moe"]["router"]
+        router["bias"] = moved(router["bias"], aux.expert_counts)
+    if aux.mtp_expert_counts is not None:
+        router = new["mtp"]["block"]["moe"]["router"]
+        router["bias"] = moved(router["bias"], aux.mtp_expert_counts)
+    return new
+
+
+def make_train_step(
+    cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: LRSchedule,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """A pure `train_step(state, batch) -> (state, metrics)` (jit it with donation)."""
+
+    def loss_fn(params, state: TrainState, batch: dict):
+        variables = {"params": params, "router_bias": state.router_bias}
+        out = forward(cfg, variables, batch, loss_cfg.mask_documents)
+        sums = token_losses(cfg, out, batch, loss_cfg.mask_documents)
+        ce = _mean(sums["ce"])
+        depths = [_mean(sums[f"mtp_{k}"]) for k in range(1, cfg.mtp_depth + 1)]
+        mtp = jnp.mean(jnp.stack(depths)) if depths else jnp.zeros((), jnp.float32)
+        aux = out.aux
+        balance = _sum_layers(aux.balance_loss, aux.mtp_balance_loss)
+        batch_balance = _sum_layers(aux.batch_balance_loss, aux.mtp_batch_balance_loss)
+        loss = ce + loss_cfg.mtp_weight_at(state.step) * mtp
+        if loss_cfg.balancing is Balancing.LOSS_FREE:
+            loss = loss + loss_cfg.balance_weight * balance
+        elif loss_cfg.balancing is Balancing.AUX_LOSS:
+            loss = loss + loss_cfg.aux_loss_weight * batch_balance
+        metrics = {
+            "loss": loss,
+            "ce": ce,
+            "mtp_loss": mtp,
+            "balance_loss": balance,
+            "aux_loss": batch_balance,
+            "tokens": sums["ce"][1],
+        }
+        return loss, (metrics, aux)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        router_bias = update_router_bias(state.router_bias, aux, loss_cfg.bias_rate_at(state.step))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step keeps the old state (the loop halts or counts it, per config).
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            router_bias=keep(router_bias, state.router_bias),
+            rng=jax.random.fold_in(state.rng, state.step),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        metrics |= {
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "mtp_weight": loss_cfg.mtp_weight_at(state.step),
+            "finite": finite,
+        }
+        if aux.expert_counts is not None:
+            maxvio = max_violation(aux.expert_counts)
+            metrics |= {
+                "expert_load": aux.expert_counts,
+                "maxvio": maxvio,
+                "maxvio_mean": maxvio.mean(),
+            }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[[TrainState, dict], dict]:
+    """`eval_step(state, batch) -> {name: (sum, count)}` for averaging over held-out batches."""
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        out = forward(cfg, state.variables, batch, loss_cfg.mask_documents)
+        return token_losses(cfg, out, batch, loss_cfg.mask_documents)
+
+    return eval_step
