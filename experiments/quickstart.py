@@ -56,7 +56,9 @@ def loss_fn(cfg: model.ModelConfig, params, other, tokens, mtp_weight, balance_w
     return total, {"ce": ce, "mtp": mtp_loss, "balance": balance, "counts": out.aux.expert_counts}
 
 
-def run(config: QuickstartConfig) -> dict:
+def run(config: QuickstartConfig, run_dir=None) -> dict:
+    """Forward/backward once and print; nothing is written (run_dir is unused)."""
+    del run_dir
     cfg = model.presets.get(config.model)
     if config.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len {config.seq_len} exceeds {config.model}'s {cfg.max_seq_len}")

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import MLAConfig
-from model.layers import RMSNorm, partitioned_normal
+from model.layers import RMSNorm, partitioned_normal, project
 from model.rope import apply_rope, rope_cos_sin, softmax_scale
 
 BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
@@ -70,13 +70,13 @@ class MLA(nn.Module):
     def project_q(self, x_BxTxD: jax.Array) -> jax.Array:
         """Queries [B, T, H, nope + rope] before RoPE."""
         if self.cfg.q_lora_rank is None:
-            return jnp.einsum("btd,dhk->bthk", x_BxTxD, self._cast(self._wq))
-        cq_BxTxQ = self.q_norm(x_BxTxD @ self._cast(self._wq_a))
-        return jnp.einsum("btr,rhk->bthk", cq_BxTxQ, self._cast(self._wq_b))
+            return project(x_BxTxD, self._cast(self._wq))
+        cq_BxTxQ = self.q_norm(project(x_BxTxD, self._cast(self._wq_a)))
+        return project(cq_BxTxQ, self._cast(self._wq_b))
 
     def project_kv_latent(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normalized latent c_kv [B, T, kv_lora] and the un-rotated shared key [B, T, rope]."""
-        kv = x_BxTxD @ self._cast(self._wkv_a)
+        kv = project(x_BxTxD, self._cast(self._wkv_a))
         r = self.cfg.kv_lora_rank
         return self.kv_norm(kv[..., :r]), kv[..., r:]
 
@@ -99,7 +99,7 @@ class MLA(nn.Module):
         q_BxTxHxK = nn.with_logical_constraint(self.project_q(x_BxTxD), BTHK)
         q_nope, q_pe = q_BxTxHxK[..., : c.qk_nope_head_dim], q_BxTxHxK[..., c.qk_nope_head_dim :]
         c_kv_BxTxC, k_pe_BxTxR = self.project_kv_latent(x_BxTxD)
-        kv_BxTxHxK = jnp.einsum("btc,chk->bthk", c_kv_BxTxC, self.wkv_b())
+        kv_BxTxHxK = project(c_kv_BxTxC, self.wkv_b())
         kv_BxTxHxK = nn.with_logical_constraint(kv_BxTxHxK, BTHK)
         k_nope, v_BxTxHxV = (
             kv_BxTxHxK[..., : c.qk_nope_head_dim],
@@ -119,4 +119,4 @@ class MLA(nn.Module):
         probs = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
         out_BxTxHxV = jnp.einsum("bhts,bshv->bthv", probs, v_BxTxHxV)
         out_BxTxHxV = nn.with_logical_constraint(out_BxTxHxV, BTHK)
-        return jnp.einsum("bthv,hvd->btd", out_BxTxHxV, self.wo())
+        return project(out_BxTxHxV, self.wo(), in_dims=2)

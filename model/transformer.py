@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from model.config import ModelConfig, RematPolicy
-from model.layers import MLP, RMSNorm, partitioned_normal
+from model.layers import MLP, Linear, RMSNorm, partitioned_normal
 from model.mla import MLA
 from model.moe import MoE
 
@@ -88,13 +88,8 @@ class MTPModule(nn.Module):
         norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
         # Official checkpoints concatenate [embedding; hidden]; the order fixes eh_proj's layout.
         joined = jnp.concatenate([norm("enorm")(emb_BxTxD), norm("hnorm")(h_BxTxD)], axis=-1)
-        proj = nn.Dense(
-            c.d_model,
-            use_bias=False,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            kernel_init=partitioned_normal(c.init_std, ("mtp_concat", "embed")),
-            name="eh_proj",
+        proj = Linear(
+            c.d_model, ("mtp_concat", "embed"), c.init_std, c.dtype, c.param_dtype, name="eh_proj"
         )
         block = _remat(Block, c.remat)(c, c.mtp_uses_moe, name="block")
         h_BxTxD, aux = block(proj(joined), positions_BxT, segment_ids_BxT)
@@ -117,13 +112,8 @@ class Transformer(nn.Module):
             embedding_init=partitioned_normal(c.init_std, ("vocab", "embed")),
             name="embed",
         )
-        head = nn.Dense(
-            c.vocab_size,
-            use_bias=False,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            kernel_init=partitioned_normal(c.init_std, ("embed", "vocab")),
-            name="lm_head",
+        head = Linear(
+            c.vocab_size, ("embed", "vocab"), c.init_std, c.dtype, c.param_dtype, name="lm_head"
         )
         final_norm = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")
 

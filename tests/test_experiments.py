@@ -42,6 +42,28 @@ def test_experiment_list_and_unknown_name(capsys):
     assert "quickstart" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["no-such-experiment"])
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--set", "nope=1"])
+    with pytest.raises(SystemExit):
+        main(["missing/file.py"])
+
+
+def test_experiment_from_a_path_with_a_sweep(tmp_path, capsys):
+    path = tmp_path / "toy.py"
+    path.write_text(
+        "import dataclasses\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class C:\n    x: int = 1\n    y: float = 0.5\n"
+        "def get_config():\n    return C()\n"
+        "def get_sweep():\n    return {'a': ['x=2'], 'b': ['x=3', 'y=1.5']}\n"
+        "def run(config, run_dir):\n"
+        "    run_dir.mkdir(parents=True)\n"
+        "    return {'product': config.x * config.y}\n"
+    )
+    assert main([str(path), "--run-dir", str(tmp_path / "out"), "--sweep", "--set", "y=2"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "out" / "a").is_dir() and (tmp_path / "out" / "b").is_dir()
+    assert "4" in out.splitlines()[-2] and "4.5" in out.splitlines()[-1]
 
 
 def test_quickstart_config_validates():
@@ -53,7 +75,7 @@ def test_quickstart_config_validates():
 
 def test_quickstart_runs_on_a_generated_batch(capsys):
     config = dataclasses.replace(quickstart.get_config(), model="v2lite-tiny", batch=2, seq_len=16)
-    result = quickstart.run(config)
+    result = quickstart.run(config, None)
     out = capsys.readouterr().out
     assert math.isfinite(result["loss"]) and result["grad_norm"] > 0
     # Random init: cross-entropy close to ln(vocab); every preset's count printed.

@@ -208,6 +208,7 @@ def make_train_step(
             "learning_rate": schedule(state.step),
             "mtp_weight": loss_cfg.mtp_weight_at(state.step),
             "finite": finite,
+            "skipped": new_state.skipped,
         }
         if aux.expert_counts is not None:
             maxvio = max_violation(aux.expert_counts)

@@ -1,0 +1,113 @@
+"""Orbax checkpoints of the train state and the data iterator, with a fallback on corruption.
+
+A checkpoint holds `state` (params, optimizer state, router bias, step, RNG key data, skipped
+count), `data` (the grain iterator state, so a resumed run sees exactly the batches it would
+have seen) and `meta` (JSON: the experiment config). Orbax writes each step to a temporary
+folder and renames it when complete, so an interrupted save never looks finished; a finished
+but damaged latest checkpoint is reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+
+def _to_saveable(state: TrainState) -> dict:
+    # Typed PRNG keys are stored as their raw uint32 data.
+    return {
+        "step": state.step,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "router_bias": state.router_bias,
+        "rng": jax.random.key_data(state.rng),
+        "skipped": state.skipped,
+    }
+
+
+def _from_saveable(tree: dict, like: TrainState) -> TrainState:
+    return TrainState(
+        step=tree["step"],
+        params=tree["params"],
+        opt_state=jax.tree.unflatten(
+            jax.tree.structure(like.opt_state), jax.tree.leaves(tree["opt_state"])
+        ),
+        router_bias=tree["router_bias"],
+        rng=jax.random.wrap_key_data(tree["rng"]),
+        skipped=tree["skipped"],
+    )
+
+
+class Checkpointer:
+    """Saves every `every` steps, keeps the last `keep`, restores the newest readable one."""
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int):
+        if every <= 0 or keep <= 0:
+            raise ValueError(f"checkpoint every={every} and keep={keep} must both be > 0")
+        self.directory = Path(directory).absolute()
+        self.every = every
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, state: TrainState, data_iterator: Any | None, meta: dict, *, force=False):
+        """Save at state.step (asynchronously; call `wait` before reading it back)."""
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        items = {
+            "state": ocp.args.StandardSave(_to_saveable(state)),
+            "meta": ocp.args.JsonSave(meta),
+        }
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def restore_latest(
+        self, like: TrainState, data_iterator: Any | None
+    ) -> tuple[TrainState, dict] | None:
+        """(state, meta) from the newest checkpoint that reads back; None when there is none.
+
+        `like` gives the structure, dtypes and shardings; `data_iterator` is restored in place.
+        """
+        self.wait()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
+        for step in reversed(self.steps()):
+            items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+            if data_iterator is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except Exception as err:  # any damage means: try the previous one
+                log.warning(
+                    "checkpoint %d under %s is unreadable (%s); trying the previous one",
+                    step,
+                    self.directory,
+                    f"{type(err).__name__}: {err}"[:300],
+                )
+                continue
+            return _from_saveable(restored["state"], like), restored["meta"]
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
