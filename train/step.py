@@ -18,6 +18,7 @@ import optax
 
 import model
 from model import ModelConfig
+from train.losses import cross_entropy
 from train.optimizer import LRSchedule
 from train.state import TrainState
 
@@ -88,8 +89,7 @@ class LossConfig:
 
 def _masked_ce(logits, targets, mask) -> tuple[jax.Array, jax.Array]:
     """(sum of CE over masked positions, number of positions)."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    return (ce * mask).sum(), mask.sum()
+    return (cross_entropy(logits, targets) * mask).sum(), mask.sum()
 
 
 def _shift(x: jax.Array, k: int) -> jax.Array:
