@@ -3,7 +3,8 @@
 NAME is a module in experiments/ ('-' or '_'), PATH a Python file anywhere. An experiment
 defines `get_config()` (a frozen dataclass), `run(config, run_dir) -> dict` (a summary of
 scalars) and, for sweeps, `get_sweep() -> dict[str, list[str]]` mapping a variant name to its
-`--set`-style overrides.
+`--set`-style overrides, plus optionally `after_sweep(run_dir, summaries)` (e.g. a comparison
+plot).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         summaries[name or args.name] = summary
     print("\n" + _table(summaries))
+    if args.sweep and hasattr(module, "after_sweep"):
+        module.after_sweep(run_dir, summaries)
     return 0
 
 

@@ -19,7 +19,7 @@ from train.loop import LoopConfig
 from train.optimizer import OptimizerConfig
 from train.pretrain import PretrainConfig, pretrain, schedule_for
 
-STEPS = 600
+STEPS = 800
 
 
 def get_config() -> PretrainConfig:

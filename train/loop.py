@@ -199,11 +199,8 @@ def train(
             timed_seconds += seconds
             host |= throughput.measure(int(tokens), seconds)
         load = host.pop("expert_load", None)
-        if (
-            load is not None
-            and loop_cfg.expert_load_every
-            and step % loop_cfg.expert_load_every == 0
-        ):
+        every = loop_cfg.expert_load_every
+        if load is not None and every and (step % every == 0 or step == loop_cfg.steps):
             host["expert_load"] = load
         writer.write(step, host)
         last_train = host

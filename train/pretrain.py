@@ -21,11 +21,12 @@ import model
 from model import ModelConfig
 from train.checkpoint import Checkpointer
 from train.data import TOKENIZER_FILE, DataConfig, make_iterator, prepare_tokenizer
-from train.loop import LoopConfig, train
+from train.loop import LoopConfig, evaluate, train
+from train.metrics import read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
 from train.splits import Split
 from train.state import TrainState, init_state
-from train.step import LossConfig
+from train.step import LossConfig, make_eval_step
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +132,11 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         meta={"config": to_json(config)},
         initial_state=initial_state,
     )
+    maxvio = [r["maxvio_mean"] for r in read_metrics(run_dir) if "maxvio_mean" in r]
+    tail = maxvio[-max(len(maxvio) // 10, 1) :]
     summary = {
         "steps": result.step,
+        "maxvio_last10pct": float(sum(tail) / len(tail)) if tail else float("nan"),
         "interrupted": result.interrupted,
         "tokens_per_s": round(result.tokens_per_s, 1),
         "mfu": result.mfu,
@@ -159,3 +163,21 @@ def schedule_for(steps: int, peak_lr: float, warmup: int) -> LRSchedule:
         min_steps=plateau,
         final_lr=peak_lr / 30,
     )
+
+
+def evaluate_run(
+    run_dir: str | Path, config: PretrainConfig, *, seq_len: int, batches: int
+) -> dict[str, float]:
+    """Held-out losses of run_dir's latest weights under `config.model`, at `seq_len`."""
+    run_dir = Path(run_dir)
+    from train.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
+    cfg = config.model.replace(
+        vocab_size=tokenizer.vocab_size, max_seq_len=max(config.model.max_seq_len, seq_len)
+    )
+    state = _weights_from(run_dir, cfg, make_optimizer(config.optimizer))
+    data = dataclasses.replace(config.data, seq_len=seq_len)
+    eval_step = jax.jit(make_eval_step(cfg, config.loss))
+    batches_it = itertools.islice(make_iterator(data, tokenizer, Split.HELDOUT), batches)
+    return evaluate(eval_step, state, batches_it, config.loss.mtp_weight)

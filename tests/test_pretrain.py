@@ -1,0 +1,61 @@
+"""A short pre-training run end to end, through the experiment runner, then a YaRN stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import extend_context, pretrain_tiny
+from experiments.__main__ import main
+from tests.conftest import tiny_config
+from train.data import DataConfig
+from train.pretrain import PretrainConfig, evaluate_run
+
+_DEFAULT = pretrain_tiny.get_config()
+
+
+def _tiny_pretrain(steps: int = 4) -> PretrainConfig:
+    config = pretrain_tiny.with_steps(_DEFAULT, steps)
+    return dataclasses.replace(
+        config,
+        model=tiny_config(max_seq_len=256),
+        data=DataConfig(seq_len=32, batch_size=2),
+        loop=dataclasses.replace(
+            config.loop, eval_every=2, eval_batches=2, checkpoint_every=2, progress=False
+        ),
+        vocab_size=400,
+        tokenizer_sample_bytes=200_000,
+    )
+
+
+def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain_tiny, "get_config", _tiny_pretrain)
+    assert main(["pretrain-tiny", "--run-dir", str(tmp_path)]) == 0
+    for name in ("tokenizer.json", "config.json", "metrics.jsonl", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "2",
+        "4",
+    ]
+    plots = {p.name for p in (tmp_path / "plots").iterdir()}
+    assert plots >= {"loss.png", "learning_rate.png", "expert_load.png", "maxvio.png"}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_ce"] > 0
+
+    # The weights evaluate under a YaRN-extended config at a longer length.
+    stage = extend_context._stage(
+        extend_context.ExtendConfig(factor=4.0), _tiny_pretrain(), 64, 2, str(tmp_path)
+    )
+    stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, batch_size=1))
+    losses = evaluate_run(tmp_path, stage, seq_len=64, batches=1)
+    assert losses["ce"] > 0
+
+
+def test_pretrain_config_validation():
+    with pytest.raises(ValueError, match="mask_documents"):
+        dataclasses.replace(_tiny_pretrain(), data=DataConfig(seq_len=32, mask_documents=True))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        dataclasses.replace(_tiny_pretrain(), data=DataConfig(seq_len=4096))
