@@ -57,12 +57,13 @@ def load(name_or_path: str) -> ModuleType:
 def _table(rows: dict[str, dict]) -> str:
     keys = sorted({k for row in rows.values() for k in row if not isinstance(row[k], dict)})
     width = max(len(n) for n in rows) + 2
-    lines = ["variant".ljust(width) + "".join(k.rjust(16) for k in keys)]
+    widths = {k: max(len(k), 10) + 2 for k in keys}
+    lines = ["variant".ljust(width) + "".join(k.rjust(widths[k]) for k in keys)]
     for name, row in rows.items():
         cells = []
         for k in keys:
             v = row.get(k, "")
-            cells.append((f"{v:.4g}" if isinstance(v, float) else str(v)).rjust(16))
+            cells.append((f"{v:.4g}" if isinstance(v, float) else str(v)).rjust(widths[k]))
         lines.append(name.ljust(width) + "".join(cells))
     return "\n".join(lines)
 

@@ -104,6 +104,8 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert a[6] < a[1]  # and it learns
     assert resumed.eval["ce"] == pytest.approx(full.eval["ce"], rel=1e-6)
     assert full.tokens_per_s > 0 and 0 < full.mfu < 1
+    again = _run(tmp_path / "full")  # nothing left to train: it reports the held-out loss
+    assert again.step == 6 and again.eval["ce"] == pytest.approx(full.eval["ce"], rel=1e-6)
 
 
 def test_sigterm_saves_and_stops_cleanly(tmp_path):

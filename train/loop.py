@@ -246,7 +246,9 @@ def train(
                     log.warning("signal %d: saving step %d and stopping", stop.signal, step)
                     interrupted = True
                     break
-            if pending is not None:
+            if pending is None:  # resumed a finished run: report its held-out losses again
+                run_eval(state, int(state.step), writer)
+            else:
                 prev_step, prev_metrics, prev_time, untimed = pending
                 jax.block_until_ready(prev_metrics)
                 record(
