@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import model
+from train.step import LossConfig, objective
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +41,17 @@ def get_config() -> QuickstartConfig:
     return QuickstartConfig()
 
 
-def loss_fn(cfg: model.ModelConfig, params, other, tokens, mtp_weight, balance_weight):
-    """CE on next tokens + lambda * mean MTP CE + alpha * summed balance loss."""
-    out = model.forward(cfg, {"params": params, **other}, tokens)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], tokens[:, 1:]).mean()
-    mtp = [
-        optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, : -(k + 1)], tokens[:, k + 1 :]
-        ).mean()
-        for k, logits in enumerate(out.mtp_logits, start=1)
-    ]
-    mtp_loss = jnp.mean(jnp.stack(mtp)) if mtp else 0.0
-    balance = out.aux.balance_loss.sum() if out.aux.balance_loss is not None else 0.0
-    total = ce + mtp_weight * mtp_loss + balance_weight * balance
-    return total, {"ce": ce, "mtp": mtp_loss, "balance": balance, "counts": out.aux.expert_counts}
+def generated_batch(key: jax.Array, batch: int, seq_len: int, vocab: int) -> dict:
+    """Random tokens in the train step's batch contract (one document per row)."""
+    tokens = jax.random.randint(key, (batch, seq_len + 1), 0, vocab)
+    ones = jnp.ones((batch, seq_len), jnp.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": ones,
+        "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+        "loss_mask": ones.astype(jnp.float32),
+    }
 
 
 def run(config: QuickstartConfig, run_dir=None) -> dict:
@@ -65,34 +63,34 @@ def run(config: QuickstartConfig, run_dir=None) -> dict:
     key_init, key_data = jax.random.split(jax.random.key(config.seed))
     variables = model.init(cfg, key_init)
     params = variables.pop("params")
-    tokens = jax.random.randint(key_data, (config.batch, config.seq_len), 0, cfg.vocab_size)
+    batch = generated_batch(key_data, config.batch, config.seq_len, cfg.vocab_size)
+    loss_cfg = LossConfig(mtp_weight=config.mtp_weight, balance_weight=config.balance_weight)
 
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=1, has_aux=True), static_argnums=0)
+    def loss_fn(params):
+        return objective(cfg, loss_cfg, {"params": params, **variables}, batch, jnp.int32(0))
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     start = time.perf_counter()
-    (loss, metrics), grads = grad_fn(
-        cfg, params, variables, tokens, config.mtp_weight, config.balance_weight
-    )
+    (loss, (metrics, aux)), grads = grad_fn(params)
     loss = float(loss)
     compile_and_run = time.perf_counter() - start
     start = time.perf_counter()
-    jax.block_until_ready(
-        grad_fn(cfg, params, variables, tokens, config.mtp_weight, config.balance_weight)
-    )
+    jax.block_until_ready(grad_fn(params))
     step = time.perf_counter() - start
 
     grad_norm = float(optax.global_norm(grads))
     print(
         f"\n{config.model}: loss {loss:.4f} (CE {float(metrics['ce']):.4f}, "
-        f"MTP {float(metrics['mtp']):.4f}, balance {float(metrics['balance']):.4f}), "
+        f"MTP {float(metrics['mtp_loss']):.4f}, balance {float(metrics['balance_loss']):.4f}), "
         f"grad norm {grad_norm:.4f}"
     )
     print(
         f"first call (compile + run) {compile_and_run:.1f} s, "
         f"forward/backward {step * 1e3:.0f} ms, {config.batch * config.seq_len / step:.0f} tokens/s"
     )
-    if metrics["counts"] is not None:
+    if aux.expert_counts is not None:
         print("expert token counts per MoE layer:")
-        for layer, counts in enumerate(jax.device_get(metrics["counts"])):
+        for layer, counts in enumerate(jax.device_get(aux.expert_counts)):
             print(f"  layer {cfg.num_dense_layers + layer}: {counts.tolist()}")
     print("\nparameter counts (jax.eval_shape, nothing allocated):")
     for name in model.presets.names():

@@ -224,7 +224,6 @@ def train(
                 state, metrics = train_step(state, batch)
                 if pending is not None:  # fetch step N-1's metrics while step N runs
                     prev_step, prev_metrics, prev_time, untimed = pending
-                    jax.block_until_ready(prev_metrics)
                     record(
                         prev_step,
                         prev_metrics,
@@ -250,7 +249,6 @@ def train(
                 run_eval(state, int(state.step), writer)
             else:
                 prev_step, prev_metrics, prev_time, untimed = pending
-                jax.block_until_ready(prev_metrics)
                 record(
                     prev_step,
                     prev_metrics,
@@ -268,9 +266,7 @@ def train(
 
         make_plots(run_dir)
     tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
-    mfu = None
-    if loop_cfg.peak_flops and timed_seconds:
-        mfu = tokens_per_s * throughput.flops_per_token / loop_cfg.peak_flops
+    mfu = throughput.measure(int(timed_tokens), timed_seconds).get("mfu") if timed_seconds else None
     return RunResult(
         step=int(state.step),
         interrupted=interrupted,

@@ -238,9 +238,9 @@ def max_violation(expert_counts: np.ndarray) -> np.ndarray:
         raise ValueError(f"expert_counts must have an expert axis last, got shape {counts.shape}")
     if np.any(counts < 0):
         raise ValueError("expert_counts must be non-negative")
-    mean = counts.mean(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mean > 0, counts.max(axis=-1) / mean - 1.0, np.nan)
+    from train.step import max_violation as on_device  # the formula the train step logs
+
+    return np.asarray(on_device(counts), dtype=np.float64)
 
 
 @dataclass(frozen=True)

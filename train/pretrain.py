@@ -27,6 +27,7 @@ from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
 from train.splits import Split
 from train.state import TrainState, init_state
 from train.step import LossConfig, make_eval_step
+from train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,6 @@ def evaluate_run(
 ) -> dict[str, float]:
     """Held-out losses of run_dir's latest weights under `config.model`, at `seq_len`."""
     run_dir = Path(run_dir)
-    from train.tokenizer import Tokenizer
-
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
     cfg = config.model.replace(
         vocab_size=tokenizer.vocab_size, max_seq_len=max(config.model.max_seq_len, seq_len)

@@ -130,9 +130,10 @@ def _sum_layers(*values) -> jax.Array:
 
 
 def max_violation(counts_LxE: jax.Array) -> jax.Array:
-    """MaxVio per layer: max load / mean load - 1."""
-    counts = counts_LxE.astype(jnp.float32)
-    return counts.max(-1) / jnp.maximum(counts.mean(-1), 1e-9) - 1.0
+    """MaxVio per layer: max load / mean load - 1 (NaN for a layer that routed nothing)."""
+    counts = jnp.asarray(counts_LxE, jnp.float32)
+    mean = counts.mean(-1)
+    return jnp.where(mean > 0, counts.max(-1) / jnp.where(mean > 0, mean, 1.0) - 1.0, jnp.nan)
 
 
 def update_router_bias(router_bias: dict, aux: model.transformer.Aux, rate: jax.Array) -> dict:
@@ -152,6 +153,34 @@ def update_router_bias(router_bias: dict, aux: model.transformer.Aux, rate: jax.
     return new
 
 
+def objective(
+    cfg: ModelConfig, loss_cfg: LossConfig, variables: dict, batch: dict, step: jax.Array
+) -> tuple[jax.Array, tuple[dict, model.transformer.Aux]]:
+    """(CE + lambda * mean MTP CE + the configured balance term, (metrics, routing aux))."""
+    out = forward(cfg, variables, batch, loss_cfg.mask_documents)
+    sums = token_losses(cfg, out, batch, loss_cfg.mask_documents)
+    ce = _mean(sums["ce"])
+    depths = [_mean(sums[f"mtp_{k}"]) for k in range(1, cfg.mtp_depth + 1)]
+    mtp = jnp.mean(jnp.stack(depths)) if depths else jnp.zeros((), jnp.float32)
+    aux = out.aux
+    balance = _sum_layers(aux.balance_loss, aux.mtp_balance_loss)
+    batch_balance = _sum_layers(aux.batch_balance_loss, aux.mtp_batch_balance_loss)
+    loss = ce + loss_cfg.mtp_weight_at(step) * mtp
+    if loss_cfg.balancing is Balancing.LOSS_FREE:
+        loss = loss + loss_cfg.balance_weight * balance
+    elif loss_cfg.balancing is Balancing.AUX_LOSS:
+        loss = loss + loss_cfg.aux_loss_weight * batch_balance
+    metrics = {
+        "loss": loss,
+        "ce": ce,
+        "mtp_loss": mtp,
+        "balance_loss": balance,
+        "aux_loss": batch_balance,
+        "tokens": sums["ce"][1],
+    }
+    return loss, (metrics, aux)
+
+
 def make_train_step(
     cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -162,28 +191,7 @@ def make_train_step(
 
     def loss_fn(params, state: TrainState, batch: dict):
         variables = {"params": params, "router_bias": state.router_bias}
-        out = forward(cfg, variables, batch, loss_cfg.mask_documents)
-        sums = token_losses(cfg, out, batch, loss_cfg.mask_documents)
-        ce = _mean(sums["ce"])
-        depths = [_mean(sums[f"mtp_{k}"]) for k in range(1, cfg.mtp_depth + 1)]
-        mtp = jnp.mean(jnp.stack(depths)) if depths else jnp.zeros((), jnp.float32)
-        aux = out.aux
-        balance = _sum_layers(aux.balance_loss, aux.mtp_balance_loss)
-        batch_balance = _sum_layers(aux.batch_balance_loss, aux.mtp_batch_balance_loss)
-        loss = ce + loss_cfg.mtp_weight_at(state.step) * mtp
-        if loss_cfg.balancing is Balancing.LOSS_FREE:
-            loss = loss + loss_cfg.balance_weight * balance
-        elif loss_cfg.balancing is Balancing.AUX_LOSS:
-            loss = loss + loss_cfg.aux_loss_weight * batch_balance
-        metrics = {
-            "loss": loss,
-            "ce": ce,
-            "mtp_loss": mtp,
-            "balance_loss": balance,
-            "aux_loss": batch_balance,
-            "tokens": sums["ce"][1],
-        }
-        return loss, (metrics, aux)
+        return objective(cfg, loss_cfg, variables, batch, state.step)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
