@@ -1,7 +1,8 @@
 """DeepSeek-V3 as pure Flax Linen modules: MLA, DeepSeekMoE, MTP, YaRN, HF checkpoint I/O."""
 
-from model import presets
+from model import decode, presets
 from model.api import Output, ParamCount, count_params, forward, init, init_boxed, logical_axes
+from model.cache import KVCache, cache_bytes_per_token, mha_cache_bytes_per_token
 from model.config import (
     GroupedMatmul,
     MLAConfig,
@@ -10,20 +11,33 @@ from model.config import (
     RematPolicy,
     YarnConfig,
 )
+from model.generate import FinishReason, Generation, generate
+from model.sampling import Sampling
+from model.speculative import SpeculativeStats, generate_speculative
 
 __all__ = [
+    "FinishReason",
+    "Generation",
     "GroupedMatmul",
+    "KVCache",
     "MLAConfig",
     "MoEConfig",
     "ModelConfig",
     "Output",
     "ParamCount",
     "RematPolicy",
+    "Sampling",
+    "SpeculativeStats",
     "YarnConfig",
+    "cache_bytes_per_token",
     "count_params",
+    "decode",
     "forward",
+    "generate",
+    "generate_speculative",
     "init",
     "init_boxed",
     "logical_axes",
+    "mha_cache_bytes_per_token",
     "presets",
 ]

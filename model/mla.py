@@ -1,8 +1,12 @@
-"""Multi-head latent attention (DeepSeek-V2/V3), training and prefill path.
+"""Multi-head latent attention (DeepSeek-V2/V3): training, prefill and cached decode.
 
 q: c_q = RMSNorm(x W_qa); q = c_q W_qb (or q = x W_q without q LoRA), each head [nope | rope].
 kv: x W_kva -> [c_kv | k_pe]; c_kv = RMSNorm(c_kv); c_kv W_kvb -> per head [k_nope | v].
 k_pe is one RoPE head shared by all heads. Scores use fp32 softmax.
+
+Decode attends over the latent cache with the up-projection absorbed (DeepSeek's inference,
+not MaxText's rebuild of per-head K/V): q_nope W_UK maps queries into the latent space, the
+scores and the weighted sum run over c_kv directly, and W_UV maps the result back per head.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.cache import LayerKV, Mode
 from model.config import MLAConfig
 from model.layers import RMSNorm, partitioned_normal, project
 from model.rope import apply_rope, rope_cos_sin, softmax_scale
@@ -29,7 +34,7 @@ def attention_mask(T: int, segment_ids_BxT: jax.Array | None, batch: int) -> jax
 
 
 class MLA(nn.Module):
-    """MLA over a full sequence: x [B, T, D] -> [B, T, D]."""
+    """MLA: x [B, T, D] -> [B, T, D], over a full sequence or new tokens over a latent cache."""
 
     cfg: MLAConfig
     d_model: int
@@ -37,6 +42,7 @@ class MLA(nn.Module):
     init_std: float
     dtype: str = "float32"
     param_dtype: str = "float32"
+    mode: Mode = Mode.TRAIN
 
     def setup(self):
         c, d = self.cfg, self.d_model
@@ -93,30 +99,123 @@ class MLA(nn.Module):
         x_BxTxD: jax.Array,
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array | None = None,
-    ) -> jax.Array:
+        cache: LayerKV | None = None,
+        cache_mask_BxTxS: jax.Array | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """(output [B, T, D], latent KV of the T inputs or None in TRAIN mode).
+
+        TRAIN / PREFILL: causal attention within the T tokens (and within segments).
+        DECODE*: the T new tokens attend to the cached slots where cache_mask is true and
+        causally to each other; the caller writes the returned latents into the cache.
+        """
         c = self.cfg
-        B, T, _ = x_BxTxD.shape
         q_BxTxHxK = nn.with_logical_constraint(self.project_q(x_BxTxD), BTHK)
         q_nope, q_pe = q_BxTxHxK[..., : c.qk_nope_head_dim], q_BxTxHxK[..., c.qk_nope_head_dim :]
         c_kv_BxTxC, k_pe_BxTxR = self.project_kv_latent(x_BxTxD)
-        kv_BxTxHxK = project(c_kv_BxTxC, self.wkv_b())
-        kv_BxTxHxK = nn.with_logical_constraint(kv_BxTxHxK, BTHK)
+        cos, sin = rope_cos_sin(c, positions_BxT)
+        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
+        new = LayerKV(c_kv=c_kv_BxTxC, k_pe=apply_rope(k_pe_BxTxR, cos, sin))
+        scale = softmax_scale(c)
+        if self.mode in (Mode.TRAIN, Mode.PREFILL):
+            out_BxTxHxV = self._attend_sequence(q_nope, q_pe, new, segment_ids_BxT)
+        elif cache is None or cache_mask_BxTxS is None:
+            raise ValueError(f"MLA in {self.mode} mode needs a cache and its mask")
+        elif self.mode is Mode.DECODE:
+            out_BxTxHxV = absorbed_attention(
+                q_nope, q_pe, cache, new, cache_mask_BxTxS, self.wkv_b(), scale
+            )
+        else:
+            out_BxTxHxV = expanded_attention(
+                q_nope, q_pe, cache, new, cache_mask_BxTxS, self.wkv_b(), scale
+            )
+        out_BxTxHxV = nn.with_logical_constraint(out_BxTxHxV, BTHK)
+        out_BxTxD = project(out_BxTxHxV, self.wo(), in_dims=2)
+        return out_BxTxD, None if self.mode is Mode.TRAIN else new
+
+    def _attend_sequence(self, q_nope, q_pe, new: LayerKV, segment_ids_BxT):
+        c = self.cfg
+        B, T = q_nope.shape[:2]
+        kv_BxTxHxK = nn.with_logical_constraint(project(new.c_kv, self.wkv_b()), BTHK)
         k_nope, v_BxTxHxV = (
             kv_BxTxHxK[..., : c.qk_nope_head_dim],
             kv_BxTxHxK[..., c.qk_nope_head_dim :],
         )
-
-        cos, sin = rope_cos_sin(c, positions_BxT)
-        q_pe = apply_rope(q_pe, cos[:, :, None], sin[:, :, None])
-        k_pe_BxTxR = apply_rope(k_pe_BxTxR, cos, sin)
-
         scores_BxHxTxS = jnp.einsum(
             "bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=jnp.float32
-        ) + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe_BxTxR, preferred_element_type=jnp.float32)
+        ) + jnp.einsum("bthr,bsr->bhts", q_pe, new.k_pe, preferred_element_type=jnp.float32)
         scores_BxHxTxS = scores_BxHxTxS * softmax_scale(c)
         mask = attention_mask(T, segment_ids_BxT, B)
         scores_BxHxTxS = jnp.where(mask, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(self.dtype)
-        out_BxTxHxV = jnp.einsum("bhts,bshv->bthv", probs, v_BxTxHxV)
-        out_BxTxHxV = nn.with_logical_constraint(out_BxTxHxV, BTHK)
-        return project(out_BxTxHxV, self.wo(), in_dims=2)
+        return jnp.einsum("bhts,bshv->bthv", probs, v_BxTxHxV)
+
+
+def _softmax_over_cache(
+    scores_cached_BxHxTxS: jax.Array, mask_BxTxS: jax.Array, scores_new_BxHxTxT: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """fp32 softmax over [cached slots | new tokens]; cached slots masked, new ones causal."""
+    S, T = scores_cached_BxHxTxS.shape[-1], scores_new_BxHxTxT.shape[-1]
+    lowest = jnp.finfo(jnp.float32).min
+    cached = jnp.where(mask_BxTxS[:, None], scores_cached_BxHxTxS, lowest)
+    new = jnp.where(jnp.tril(jnp.ones((T, T), dtype=bool)), scores_new_BxHxTxT, lowest)
+    probs = jax.nn.softmax(jnp.concatenate([cached, new], axis=-1), axis=-1)
+    return probs[..., :S], probs[..., S:]
+
+
+def absorbed_attention(
+    q_nope_BxTxHxK: jax.Array,
+    q_pe_BxTxHxR: jax.Array,
+    cache: LayerKV,
+    new: LayerKV,
+    cache_mask_BxTxS: jax.Array,
+    wkv_b_CxHxKV: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Attention of new tokens over a latent cache, per head [B, T, H, v], never forming K/V.
+
+    score(t, s) = (q_nope W_UK) . c_kv[s] + q_pe . k_pe[s]; out = (sum_s p c_kv[s]) W_UV.
+    """
+    dn = q_nope_BxTxHxK.shape[-1]
+    w_uk_CxHxK, w_uv_CxHxV = wkv_b_CxHxKV[..., :dn], wkv_b_CxHxKV[..., dn:]
+    q_lat_BxTxHxC = jnp.einsum("bthk,chk->bthc", q_nope_BxTxHxK, w_uk_CxHxK)
+    q_lat_BxTxHxC = nn.with_logical_constraint(q_lat_BxTxHxC, BTHK)
+
+    def scores(kv: LayerKV) -> jax.Array:
+        f32 = jnp.float32
+        lat = jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxC, kv.c_kv, preferred_element_type=f32)
+        pe = jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR, kv.k_pe, preferred_element_type=f32)
+        return (lat + pe) * scale
+
+    p_cached, p_new = _softmax_over_cache(scores(cache), cache_mask_BxTxS, scores(new))
+    dtype = cache.c_kv.dtype
+    out_BxTxHxC = jnp.einsum("bhts,bsc->bthc", p_cached.astype(dtype), cache.c_kv)
+    out_BxTxHxC = out_BxTxHxC + jnp.einsum("bhts,bsc->bthc", p_new.astype(dtype), new.c_kv)
+    return jnp.einsum("bthc,chv->bthv", out_BxTxHxC, w_uv_CxHxV)
+
+
+def expanded_attention(
+    q_nope_BxTxHxK: jax.Array,
+    q_pe_BxTxHxR: jax.Array,
+    cache: LayerKV,
+    new: LayerKV,
+    cache_mask_BxTxS: jax.Array,
+    wkv_b_CxHxKV: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """The same attention with per-head K/V rebuilt from every cached latent (the reference)."""
+    dn = q_nope_BxTxHxK.shape[-1]
+
+    def scores_values(kv: LayerKV) -> tuple[jax.Array, jax.Array]:
+        kv_BxSxHxK = project(kv.c_kv, wkv_b_CxHxKV)
+        k_nope, v_BxSxHxV = kv_BxSxHxK[..., :dn], kv_BxSxHxK[..., dn:]
+        f32 = jnp.float32
+        nope = jnp.einsum("bthk,bshk->bhts", q_nope_BxTxHxK, k_nope, preferred_element_type=f32)
+        pe = jnp.einsum("bthr,bsr->bhts", q_pe_BxTxHxR, kv.k_pe, preferred_element_type=f32)
+        return (nope + pe) * scale, v_BxSxHxV
+
+    s_cached, v_cached = scores_values(cache)
+    s_new, v_new = scores_values(new)
+    p_cached, p_new = _softmax_over_cache(s_cached, cache_mask_BxTxS, s_new)
+    dtype = v_cached.dtype
+    out = jnp.einsum("bhts,bshv->bthv", p_cached.astype(dtype), v_cached)
+    return out + jnp.einsum("bhts,bshv->bthv", p_new.astype(dtype), v_new)

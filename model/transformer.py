@@ -1,4 +1,8 @@
-"""The DeepSeek-V3 decoder: scanned dense and MoE stacks, output head, MTP modules."""
+"""The DeepSeek-V3 decoder: scanned dense and MoE stacks, output head, MTP modules.
+
+One module serves training (`__call__`), prefill and cached decode (`decode`); the `mode`
+attribute (model.cache.Mode) picks the attention path, the parameters are the same.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from model.cache import LayerKV, Mode
 from model.config import ModelConfig, RematPolicy
 from model.layers import MLP, Linear, RMSNorm, partitioned_normal
 from model.mla import MLA
@@ -34,25 +39,34 @@ class Aux:
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or an MoE."""
+    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or an MoE.
+
+    Returns (x', (MoEAux or None, the attention's latent KV or None)).
+    """
 
     cfg: ModelConfig
     use_moe: bool
+    mode: Mode = Mode.TRAIN
 
     @nn.compact
-    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, cache_mask=None):
         c = self.cfg
         norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
-        attn = MLA(c.mla, c.d_model, c.norm_eps, c.init_std, c.dtype, c.param_dtype, name="attn")
+        attn = MLA(
+            c.mla, c.d_model, c.norm_eps, c.init_std, c.dtype, c.param_dtype, self.mode, name="attn"
+        )
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, BTD)
-        h_BxTxD = x_BxTxD + attn(norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT)
+        attn_out, kv = attn(
+            norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, cache, cache_mask
+        )
+        h_BxTxD = x_BxTxD + attn_out
         ffn_in = norm("ffn_norm")(h_BxTxD)
         if self.use_moe:
             ffn_out, aux = MoE(c.moe, c.init_std, c.dtype, c.param_dtype, name="moe")(ffn_in)
         else:
             ffn_out = MLP(c.dense_dim, c.init_std, c.dtype, c.param_dtype, name="mlp")(ffn_in)
             aux = None
-        return nn.with_logical_constraint(h_BxTxD + ffn_out, BTD), aux
+        return nn.with_logical_constraint(h_BxTxD + ffn_out, BTD), (aux, kv)
 
 
 def _remat(cls, policy: RematPolicy):
@@ -64,26 +78,33 @@ def _remat(cls, policy: RematPolicy):
     return nn.remat(cls, policy=checkpoint_policy, prevent_cse=False)
 
 
-def scan_blocks(cfg: ModelConfig, use_moe: bool, length: int, name: str) -> nn.Module:
-    """`length` blocks with stacked weights ('layers' axis), compiled once whatever the depth."""
+def scan_blocks(cfg: ModelConfig, use_moe: bool, length: int, mode: Mode) -> nn.Module:
+    """`length` blocks with stacked weights ('layers' axis), compiled once whatever the depth.
+
+    Called as (x, positions, segment_ids, cache [L, ...] or None, cache_mask or None).
+    """
     scanned = nn.scan(
         _remat(Block, cfg.remat),
         variable_axes={"params": 0, "router_bias": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
         length=length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(cfg, use_moe, name=name)
+    return scanned(cfg, use_moe, mode)
 
 
 class MTPModule(nn.Module):
-    """One MTP depth: h' = Block(W [enorm(emb(t_{i+k})); hnorm(h)]), returns (h', norm(h'))."""
+    """One MTP depth: h' = Block(W [enorm(emb(t_{i+k})); hnorm(h)]).
+
+    Returns (h', (norm(h'), MoEAux or None, latent KV or None)).
+    """
 
     cfg: ModelConfig
+    mode: Mode = Mode.TRAIN
 
     @nn.compact
-    def __call__(self, h_BxTxD, emb_BxTxD, positions_BxT, segment_ids_BxT):
+    def __call__(self, h_BxTxD, emb_BxTxD, positions_BxT, segment_ids_BxT, cache=None, mask=None):
         c = self.cfg
         norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
         # Official checkpoints concatenate [embedding; hidden]; the order fixes eh_proj's layout.
@@ -91,73 +112,115 @@ class MTPModule(nn.Module):
         proj = Linear(
             c.d_model, ("mtp_concat", "embed"), c.init_std, c.dtype, c.param_dtype, name="eh_proj"
         )
-        block = _remat(Block, c.remat)(c, c.mtp_uses_moe, name="block")
-        h_BxTxD, aux = block(proj(joined), positions_BxT, segment_ids_BxT)
-        return h_BxTxD, (norm("final_norm")(h_BxTxD), aux)
+        block = _remat(Block, c.remat)(c, c.mtp_uses_moe, self.mode, name="block")
+        h_BxTxD, (aux, kv) = block(proj(joined), positions_BxT, segment_ids_BxT, cache, mask)
+        return h_BxTxD, (norm("final_norm")(h_BxTxD), aux, kv)
+
+
+STACKS = ("dense_layers", "moe_layers")
 
 
 class Transformer(nn.Module):
     """tokens [B, T] -> (main logits, per-depth MTP logits, final hidden, Aux)."""
 
     cfg: ModelConfig
+    mode: Mode = Mode.TRAIN
 
-    @nn.compact
-    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+    def setup(self):
         c = self.cfg
-        embed = nn.Embed(
+        self.embed = nn.Embed(
             c.vocab_size,
             c.d_model,
             dtype=c.dtype,
             param_dtype=c.param_dtype,
             embedding_init=partitioned_normal(c.init_std, ("vocab", "embed")),
-            name="embed",
         )
-        head = Linear(
-            c.vocab_size, ("embed", "vocab"), c.init_std, c.dtype, c.param_dtype, name="lm_head"
-        )
-        final_norm = RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name="final_norm")
-
-        def logits(h):
-            out = head(h).astype(jnp.float32)
-            return nn.with_logical_constraint(
-                out, ("activation_batch", "activation_length", "activation_vocab")
-            )
-
-        # A zero-valued hook so tests can take gradients with respect to the embedded inputs.
-        x_BxTxD = self.perturb("embedded", embed(tokens_BxT))
+        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), c.init_std, c.dtype, c.param_dtype)
+        self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.param_dtype)
         if c.num_dense_layers:
-            stack = scan_blocks(c, False, c.num_dense_layers, "dense_layers")
-            x_BxTxD, _ = stack(x_BxTxD, positions_BxT, segment_ids_BxT)
-        moe_aux = mtp_aux = None
+            self.dense_layers = scan_blocks(c, False, c.num_dense_layers, self.mode)
         if c.num_moe_layers:
-            stack = scan_blocks(c, True, c.num_moe_layers, "moe_layers")
-            x_BxTxD, moe_aux = stack(x_BxTxD, positions_BxT, segment_ids_BxT)
-        hidden_BxTxD = final_norm(x_BxTxD)
-
-        mtp_logits = ()
+            self.moe_layers = scan_blocks(c, True, c.num_moe_layers, self.mode)
         if c.mtp_depth:
-            # Depth k reads the embedding of token i + k; the last k positions see padding (0)
-            # and have no target, so their MTP logits are meaningless and must be masked.
-            T = tokens_BxT.shape[1]
-            padded = jnp.pad(tokens_BxT, ((0, 0), (0, c.mtp_depth)))
-            shifted_PxBxT = jnp.stack([padded[:, k : k + T] for k in range(1, c.mtp_depth + 1)])
-            mtp = nn.scan(
+            self.mtp = nn.scan(
                 MTPModule,
                 variable_axes={"params": 0, "router_bias": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast),
                 length=c.mtp_depth,
                 metadata_params={nn.PARTITION_NAME: "mtp_layers"},
-            )(c, name="mtp")
+            )(c, self.mode)
+
+    def stack_names(self) -> tuple[str, ...]:
+        """The scanned stacks this config has, in order."""
+        sizes = (self.cfg.num_dense_layers, self.cfg.num_moe_layers)
+        return tuple(name for name, n in zip(STACKS, sizes, strict=True) if n)
+
+    def embed_tokens(self, tokens_BxT: jax.Array) -> jax.Array:
+        return self.embed(tokens_BxT)
+
+    def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        """Output head in float32 over final-normed hidden states."""
+        out = self.lm_head(hidden_BxTxD).astype(jnp.float32)
+        return nn.with_logical_constraint(
+            out, ("activation_batch", "activation_length", "activation_vocab")
+        )
+
+    def _stacks(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache, cache_mask):
+        """Runs the stacks; returns (x, MoE aux or None, {stack: latent KV [L, ...] or None})."""
+        moe_aux, kv = None, {}
+        for name in self.stack_names():
+            layer_cache = None if cache is None else cache[name]
+            x_BxTxD, (aux, kv[name]) = getattr(self, name)(
+                x_BxTxD, positions_BxT, segment_ids_BxT, layer_cache, cache_mask
+            )
+            if name == "moe_layers":
+                moe_aux = aux
+        return x_BxTxD, moe_aux, kv
+
+    @nn.compact
+    def __call__(self, tokens_BxT, positions_BxT, segment_ids_BxT):
+        c = self.cfg
+        # A zero-valued hook so tests can take gradients with respect to the embedded inputs.
+        x_BxTxD = self.perturb("embedded", self.embed(tokens_BxT))
+        x_BxTxD, moe_aux, _ = self._stacks(x_BxTxD, positions_BxT, segment_ids_BxT, None, None)
+        hidden_BxTxD = self.final_norm(x_BxTxD)
+
+        mtp_logits, mtp_aux = (), None
+        if c.mtp_depth:
+            # Depth k reads the embedding of token i + k; the last k positions see padding (0)
+            # and have no target, so their MTP logits are meaningless and must be masked.
+            T = tokens_BxT.shape[1]
+            padded = jnp.pad(tokens_BxT, ((0, 0), (0, c.mtp_depth)))
+            shifted_PxBxT = jnp.stack([padded[:, k : k + T] for k in range(1, c.mtp_depth + 1)])
             # Depth 1 reads the main model's final-normed hidden state, as DeepSeek's weights are
             # served (vLLM / SGLang); deeper depths chain the previous MTP block's output.
-            _, (mtp_hidden, mtp_aux) = mtp(
-                hidden_BxTxD, embed(shifted_PxBxT), positions_BxT, segment_ids_BxT
+            _, (mtp_hidden, mtp_aux, _) = self.mtp(
+                hidden_BxTxD, self.embed(shifted_PxBxT), positions_BxT, segment_ids_BxT
             )
-            mtp_logits = tuple(logits(mtp_hidden[k]) for k in range(c.mtp_depth))
+            mtp_logits = tuple(self.logits(mtp_hidden[k]) for k in range(c.mtp_depth))
         fields = ("expert_counts", "balance_loss", "batch_balance_loss")
         aux = Aux(
             *(getattr(moe_aux, f) if moe_aux is not None else None for f in fields),
             *(getattr(mtp_aux, f) if mtp_aux is not None else None for f in fields),
         )
-        return logits(hidden_BxTxD), mtp_logits, hidden_BxTxD, aux
+        return self.logits(hidden_BxTxD), mtp_logits, hidden_BxTxD, aux
+
+    def decode(
+        self,
+        tokens_BxT: jax.Array,
+        positions_BxT: jax.Array,
+        segment_ids_BxT: jax.Array | None,
+        cache: dict[str, LayerKV] | None,
+        cache_mask_BxTxS: jax.Array | None,
+    ) -> tuple[jax.Array, jax.Array, dict[str, LayerKV]]:
+        """(logits [B, T, V], final hidden [B, T, D], {stack: latent KV of the T tokens}).
+
+        PREFILL: a full (left-padded) prompt, no cache. DECODE*: new tokens over the cache.
+        """
+        x_BxTxD = self.embed(tokens_BxT)
+        x_BxTxD, _, kv = self._stacks(
+            x_BxTxD, positions_BxT, segment_ids_BxT, cache, cache_mask_BxTxS
+        )
+        hidden_BxTxD = self.final_norm(x_BxTxD)
+        return self.logits(hidden_BxTxD), hidden_BxTxD, kv
