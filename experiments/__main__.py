@@ -4,7 +4,8 @@ NAME is a module in experiments/ ('-' or '_'), PATH a Python file anywhere. An e
 defines `get_config()` (a frozen dataclass), `run(config, run_dir) -> dict` (a summary of
 scalars) and, for sweeps, `get_sweep() -> dict[str, list[str]]` mapping a variant name to its
 `--set`-style overrides, plus optionally `after_sweep(run_dir, summaries)` (e.g. a comparison
-plot).
+plot). A command (e.g. `generate`) instead defines `main(argv) -> int` and parses its own
+arguments: `python -m experiments generate --ckpt runs/pretrain-tiny --prompt "..."`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def load(name_or_path: str) -> ModuleType:
                 f"unknown experiment {name_or_path!r}; available: {', '.join(available())}"
             )
         module = importlib.import_module(f"experiments.{name_or_path.replace('-', '_')}")
+    if hasattr(module, "main"):
+        return module
     for attr in ("get_config", "run"):
         if not hasattr(module, attr):
             raise ValueError(f"experiment {name_or_path} has no {attr}()")
@@ -69,6 +72,15 @@ def _table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and not argv[0].startswith("-"):
+        try:
+            module = load(argv[0])
+        except ValueError as err:
+            print(f"python -m experiments: error: {err}", file=sys.stderr)
+            return 2
+        if hasattr(module, "main"):
+            return module.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("name", nargs="?", help="experiment name or .py path; omit to list")
     parser.add_argument("--run-dir", type=Path, help="output folder (default: runs/NAME)")

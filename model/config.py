@@ -212,3 +212,21 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelConfig:
+        """The config from its JSON form (nested dicts, enums by value), as runs store it."""
+        try:
+            fields = dict(data)
+            mla = dict(fields.pop("mla"))
+            yarn = mla.pop("yarn", None)
+            fields["mla"] = MLAConfig(**mla, yarn=None if yarn is None else YarnConfig(**yarn))
+            moe = fields.pop("moe", None)
+            if moe is not None:
+                moe = dict(moe)
+                moe["grouped_matmul"] = GroupedMatmul(moe.get("grouped_matmul", "auto"))
+                moe = MoEConfig(**moe)
+            fields["remat"] = RematPolicy(fields.get("remat", "none"))
+            return cls(moe=moe, **fields)
+        except (TypeError, KeyError) as err:
+            raise ValueError(f"not a ModelConfig in JSON form: {err}") from err

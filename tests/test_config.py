@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
 import model
-from model import MLAConfig, ModelConfig, MoEConfig, YarnConfig
+from model import MLAConfig, ModelConfig, MoEConfig, YarnConfig, presets
 from tests.conftest import tiny_config
+from train.pretrain import to_json
 
 
 def test_presets_construct_and_are_listed():
@@ -87,3 +89,9 @@ def test_configs_are_frozen_and_hashable():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.d_model = 64
     assert hash(cfg) == hash(tiny_config())
+
+
+@pytest.mark.parametrize("name", ["v3-671b", "v3-tiny", "v2lite-tiny"])
+def test_model_config_json_round_trip(name):
+    cfg = presets.get(name)
+    assert ModelConfig.from_dict(json.loads(json.dumps(to_json(cfg)))) == cfg

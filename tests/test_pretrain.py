@@ -12,6 +12,7 @@ from experiments.__main__ import main
 from tests.conftest import tiny_config
 from train.data import DataConfig
 from train.pretrain import PretrainConfig, evaluate_run
+from train.run import load_run
 
 _DEFAULT = pretrain_tiny.get_config()
 
@@ -30,7 +31,7 @@ def _tiny_pretrain(steps: int = 4) -> PretrainConfig:
     )
 
 
-def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch):
+def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(pretrain_tiny, "get_config", _tiny_pretrain)
     assert main(["pretrain-tiny", "--run-dir", str(tmp_path)]) == 0
     for name in ("tokenizer.json", "config.json", "metrics.jsonl", "summary.json"):
@@ -52,6 +53,24 @@ def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch):
     stage = dataclasses.replace(stage, data=dataclasses.replace(stage.data, batch_size=1))
     losses = evaluate_run(tmp_path, stage, seq_len=64, batches=1)
     assert losses["ce"] > 0
+
+    # The run generates from the command line with its latest weights and tokenizer.
+    capsys.readouterr()
+    argv = ["generate", "--ckpt", str(tmp_path), "--prompt", "1 + 2 =", "--max-new-tokens", "5"]
+    assert main([*argv, "--no-stop", "--num-samples", "2", "--temperature", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 4" in out and "sample 1 (length)" in out and "--- 10 tokens" in out
+
+
+def test_load_run_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_run(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no readable 'model' section"):
+        load_run(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"d_model": 8}}))
+    with pytest.raises(ValueError, match="not a ModelConfig"):
+        load_run(tmp_path)
 
 
 def test_pretrain_config_validation():

@@ -47,6 +47,12 @@ def _from_saveable(tree: dict, like: TrainState) -> TrainState:
     )
 
 
+def _abstract_on_device(x) -> jax.ShapeDtypeStruct:
+    """A ShapeDtypeStruct with a sharding (the default device when x has none)."""
+    sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
 class Checkpointer:
     """Saves every `every` steps, keeps the last `keep`, restores the newest readable one."""
 
@@ -89,12 +95,37 @@ class Checkpointer:
 
         `like` gives the structure, dtypes and shardings; `data_iterator` is restored in place.
         """
-        self.wait()
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
+        items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        found = self._restore_newest(items)
+        if found is None:
+            return None
+        restored, _ = found
+        return _from_saveable(restored["state"], like), restored["meta"]
+
+    def restore_weights(self, like: dict) -> tuple[dict, int] | None:
+        """({'params', 'router_bias'}, step) of the newest readable checkpoint, without the
+        optimizer state or data iterator (for generation and evaluation). `like` holds arrays
+        or ShapeDtypeStructs (with shardings) of the model's variables."""
+        abstract = {k: like.get(k, {}) for k in ("params", "router_bias")}
+        abstract = jax.tree.map(_abstract_on_device, abstract)
+        restore = ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        )
+        found = self._restore_newest({"state": restore})
+        if found is None:
+            return None
+        restored, step = found
+        return dict(restored["state"]), step
+
+    def _restore_newest(self, items: dict) -> tuple[Any, int] | None:
+        """(restored items, step) of the newest checkpoint that restores; None if none."""
+        self.wait()
         for step in reversed(self.steps()):
-            items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
-            if data_iterator is not None:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
             except Exception as err:  # any damage means: try the previous one
@@ -105,7 +136,7 @@ class Checkpointer:
                     f"{type(err).__name__}: {err}"[:300],
                 )
                 continue
-            return _from_saveable(restored["state"], like), restored["meta"]
+            return restored, step
         return None
 
     def close(self) -> None:
