@@ -24,9 +24,10 @@ class RematPolicy(enum.Enum):
 class GroupedMatmul(enum.Enum):
     """How the routed experts' grouped matmul is computed."""
 
-    AUTO = "auto"  # ragged_dot on GPU/TPU, tiled scan on CPU
+    AUTO = "auto"  # ragged_dot on GPU/TPU; on CPU dense for few tokens, else tiled scan
     RAGGED_DOT = "ragged_dot"  # jax.lax.ragged_dot over expert-sorted rows
     TILED_SCAN = "tiled_scan"  # lax.scan over row tiles that each belong to one expert
+    DENSE = "dense"  # every expert on every token, unchosen ones weighted 0 (cost ~ N x E)
 
 
 def _positive(obj, *names: str) -> None:

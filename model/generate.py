@@ -118,7 +118,7 @@ def check_request(cfg: ModelConfig, tokens: np.ndarray, lengths, max_new_tokens:
         )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames="absorbed")
 def generate_padded(
     cfg: ModelConfig,
     sampling: Sampling,
@@ -128,8 +128,13 @@ def generate_padded(
     prompts_BxP: jax.Array,
     prompt_lengths_B: jax.Array,
     rng: jax.Array,
+    *,
+    absorbed: bool = True,
 ) -> Generation:
-    """The jitted core of `generate` for left-padded prompts (one row per sample)."""
+    """The jitted core of `generate` for left-padded prompts (one row per sample).
+
+    absorbed=False decodes with per-head K/V rebuilt from the cache (benchmarks, tests).
+    """
     B, P = prompts_BxP.shape
     logits, _, cache = decode.prefill(
         cfg, variables, prompts_BxP, prompt_lengths_B, P + max_new_tokens
@@ -144,7 +149,7 @@ def generate_padded(
 
     def step_fn(carry):
         last_B, cache, emitted, step = carry
-        logits, _, cache = decode.extend(cfg, variables, last_B[:, None], cache)
+        logits, _, cache = decode.extend(cfg, variables, last_B[:, None], cache, absorbed=absorbed)
         tokens_B, logprobs_B = sample(logits[:, 0], jax.random.fold_in(rng, step), sampling)
         emitted = emitted.emit(tokens_B, logprobs_B, everyone, stop_tokens)
         return tokens_B, cache, emitted, step + 1

@@ -30,9 +30,12 @@ def routed_experts(
     w: dict[str, jax.Array],
     cfg: MoEConfig,
 ) -> jax.Array:
-    """Sum_k weight_k * Expert_k(x) via expert-sorted grouped matmuls (cost ~ routed rows)."""
-    impl = gmm.resolve(cfg.grouped_matmul)
+    """Sum_k weight_k * Expert_k(x): expert-sorted grouped matmuls (cost ~ routed rows), or
+    every expert densely when that is cheaper (few tokens on CPU, see grouped_matmul.resolve)."""
     E = w["wi_gate"].shape[0]
+    impl = gmm.resolve(cfg.grouped_matmul, x_NxD.shape[0], E)
+    if impl is GroupedMatmul.DENSE:
+        return dense_experts(x_NxD, experts_NxK, weights_NxK, w)
     if impl is not GroupedMatmul.TILED_SCAN:
         tile = 1
     elif cfg.tile_rows is None:
@@ -45,6 +48,28 @@ def routed_experts(
     up = gmm.grouped_matmul(x_PxD, w["wi_up"], layout, impl)
     y_PxD = gmm.grouped_matmul(jax.nn.silu(gate) * up, w["wo"], layout, impl)
     return gmm.unpermute(y_PxD, layout, weights_NxK)
+
+
+def dense_experts(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+) -> jax.Array:
+    """Every expert on every token (batched over experts, weights used in their stored
+    layout), mixed by the routing weights (0 for unchosen experts): N x E expert rows of work
+    instead of N x K, but no sorting, gathering or per-tile loop."""
+    N, D = x_NxD.shape
+    E = w["wi_gate"].shape[0]
+    coeff_NxE = jnp.zeros((N, E), x_NxD.dtype)
+    coeff_NxE = coeff_NxE.at[jnp.arange(N)[:, None], experts_NxK].add(
+        weights_NxK.astype(x_NxD.dtype)
+    )
+    x_ExNxD = jnp.broadcast_to(x_NxD, (E, N, D))
+    gate_ExNxF = jnp.einsum("end,edf->enf", x_ExNxD, w["wi_gate"])
+    up_ExNxF = jnp.einsum("end,edf->enf", x_ExNxD, w["wi_up"])
+    h_ExNxF = jax.nn.silu(gate_ExNxF) * up_ExNxF * coeff_NxE.T[:, :, None]
+    return jnp.einsum("enf,efd->end", h_ExNxF, w["wo"]).sum(axis=0)
 
 
 def routed_experts_reference(

@@ -118,10 +118,11 @@ def test_packed_segments_do_not_attend_across_documents(cfg, variables):
 def test_grouped_matmul_backends_agree_in_the_model(cfg, variables):
     tokens = _tokens(cfg)
     outs = []
-    for impl in (GroupedMatmul.TILED_SCAN, GroupedMatmul.RAGGED_DOT):
+    for impl in (GroupedMatmul.TILED_SCAN, GroupedMatmul.RAGGED_DOT, GroupedMatmul.DENSE):
         c = cfg.replace(moe=cfg.moe.__class__(**{**cfg.moe.__dict__, "grouped_matmul": impl}))
         outs.append(forward(c, variables, tokens).logits)
-    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for out in outs[1:]:
+        np.testing.assert_allclose(out, outs[0], atol=1e-5, rtol=1e-5)
 
 
 def test_router_bias_steers_routing(cfg, variables):

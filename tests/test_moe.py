@@ -14,7 +14,7 @@ from model import grouped_matmul as gmm
 from model.moe import routed_experts, routed_experts_reference
 from model.routing import route
 
-IMPLS = [GroupedMatmul.TILED_SCAN, GroupedMatmul.RAGGED_DOT]
+IMPLS = [GroupedMatmul.TILED_SCAN, GroupedMatmul.RAGGED_DOT, GroupedMatmul.DENSE]
 
 
 def _problem(N=24, D=16, F=12, E=8, K=3, seed=0, skew=0.0):
@@ -95,3 +95,9 @@ def test_choose_tile():
     assert gmm.choose_tile(8192, 16, 256) == 128  # bench-small: mean 512
     assert gmm.choose_tile(64, 8, 256) == 8  # floor
     assert gmm.choose_tile(1 << 20, 8, 256) == 256  # cap
+
+
+def test_auto_picks_dense_for_few_tokens_on_cpu():
+    assert gmm.resolve(GroupedMatmul.AUTO, 8, 16) is GroupedMatmul.DENSE
+    assert gmm.resolve(GroupedMatmul.AUTO, 2048, 16) is GroupedMatmul.TILED_SCAN
+    assert gmm.resolve(GroupedMatmul.RAGGED_DOT, 8, 16) is GroupedMatmul.RAGGED_DOT

@@ -7,7 +7,9 @@ scores through model.routing.route, 4 groups / top 2):
 
   tiled_scan  model.moe.routed_experts, GroupedMatmul.TILED_SCAN (the CPU default)
   ragged_dot  model.moe.routed_experts, GroupedMatmul.RAGGED_DOT (jax.lax.ragged_dot)
-  dense       one-hot einsum over ALL experts, combined with routing weights (MaxText dense)
+  dense       model.moe.dense_experts: ALL experts as three plain matmuls over all experts'
+              columns, mixed by the routing weights (GroupedMatmul.DENSE, AUTO's pick for
+              few tokens on CPU)
   roofline    one SwiGLU matmul chain over N*K rows x D x F: the activated FLOPs, no routing
 
 GFLOP/s count ACTIVATED FLOPs only (2*N*K*D*F*3 forward, x3 forward+backward) for every row,
@@ -25,7 +27,10 @@ Measured 2026-11-29, 2-core CPU, jax 0.10.2, --tile-rows auto,32,128,256 (vs roo
   bench-d512   roofline 43.1 / 196 ms (150 / 99 GFLOP/s) | tiled_scan t=64 (auto) 0.37 / 0.65,
                t=32 0.39 / 0.61, t=128 0.47 / 0.77, t=256 0.35 / 0.58 | ragged_dot 0.03 / 0.04 |
                dense 0.07 / 0.09
-So on CPU the tiled scan is ~10x faster than ragged_dot and 3-7x faster than the dense path.
+So on CPU the tiled scan is ~10x faster than ragged_dot and 3-7x faster than the dense path
+at these token counts (the dense figures above are of an earlier einsum form; the current
+matmul form gave 0.19 / 0.23 on bench-small with --quick). With few tokens (decode) dense
+wins: see model.grouped_matmul.DENSE_MAX_ROWS.
 Its backward has a custom VJP that accumulates each tile's weight gradient in place (plain
 autodiff built a full [E, I, O] buffer per tile and ran 2-3x slower). Run-to-run noise on this
 machine is ~+-30% per figure.
@@ -43,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from model import grouped_matmul as gmm
+from model import moe
 from model.config import GroupedMatmul, MoEConfig
 from model.moe import routed_experts
 from model.routing import route
@@ -85,14 +91,8 @@ def moe_config(s: Shape, impl: GroupedMatmul, tile_rows: int | None = None) -> M
 def dense_experts(
     x_NxD: jax.Array, w: Weights, experts_NxK: jax.Array, weights_NxK: jax.Array
 ) -> jax.Array:
-    """Every expert on every token, then the routing-weighted sum (MaxText's dense MoE path)."""
-    E = w["wi_gate"].shape[0]
-    one_hot_NxKxE = jax.nn.one_hot(experts_NxK, E, dtype=x_NxD.dtype)
-    combine_NxE = jnp.einsum("nke,nk->ne", one_hot_NxKxE, weights_NxK.astype(x_NxD.dtype))
-    gate_NxExF = jnp.einsum("nd,edf->nef", x_NxD, w["wi_gate"])
-    up_NxExF = jnp.einsum("nd,edf->nef", x_NxD, w["wi_up"])
-    y_NxExD = jnp.einsum("nef,efd->ned", jax.nn.silu(gate_NxExF) * up_NxExF, w["wo"])
-    return jnp.einsum("ned,ne->nd", y_NxExD, combine_NxE)
+    """GroupedMatmul.DENSE: every expert on every token, then the routing-weighted sum."""
+    return moe.dense_experts(x_NxD, experts_NxK, weights_NxK, w)
 
 
 def roofline(x_MxD: jax.Array, w: Weights) -> jax.Array:
