@@ -76,9 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and not argv[0].startswith("-"):
         try:
             module = load(argv[0])
-        except ValueError as err:
-            print(f"python -m experiments: error: {err}", file=sys.stderr)
-            return 2
+        except ValueError:
+            module = None  # reported by the parser below
         if hasattr(module, "main"):
             return module.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
