@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from model import grouped_matmul as gmm
 from model.config import GroupedMatmul, MoEConfig
 from model.layers import MLP, partitioned_normal, swiglu
 from model.routing import expert_counts, route, sequence_balance_loss
+from sharding import expert_parallel
 
 
 @struct.dataclass
@@ -153,7 +156,14 @@ class MoE(nn.Module):
         experts_NxK, weights_NxK = route(scores_NxE, bias_E, c)
         w = RoutedExperts(c, self.init_std, self.param_dtype, name="experts")(D)
         w = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), w)
-        out_NxD = routed_experts(x_NxD, experts_NxK, weights_NxK, w, c)
+        axis = expert_parallel.active_axis()
+        if axis is None:
+            out_NxD = routed_experts(x_NxD, experts_NxK, weights_NxK, w, c)
+        else:  # experts split over devices: tokens travel to them (sharding/expert_parallel.py)
+            local = functools.partial(routed_experts, cfg=c)
+            out_NxD = expert_parallel.routed_experts_ep(
+                x_NxD, experts_NxK, weights_NxK, w, local, axis
+            )
         out_BxTxD = out_NxD.reshape(B, T, D)
         if c.num_shared_experts:
             shared = MLP(

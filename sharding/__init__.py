@@ -1,1 +1,12 @@
-"""Meshes, logical-axis rules, expert parallelism, multi-host start-up (sharding issue)."""
+"""Meshes, logical-axis rules, sharded state, expert parallelism and multi-host start-up.
+
+    parallel = make_parallel(ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP))
+    state, shardings = init_state_sharded(cfg, optimizer, rng, parallel)
+    with parallel.activate():  # trace and run jitted model code under the mesh and rules
+        state, metrics = step(state, global_batch(parallel, local_batch))
+
+Only this package knows mesh axis names (`data`, `fsdp`, `expert`, `tensor`); the model names
+its axes logically and `sharding.rules` maps one onto the other. Import the submodules
+directly (`from sharding.mesh import ...`): model/ imports sharding.expert_parallel, so this
+file stays empty of imports to keep that cycle-free.
+"""

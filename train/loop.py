@@ -22,11 +22,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from model import ModelConfig
+from sharding.mesh import Parallel, ParallelConfig, make_parallel
+from sharding.partition import global_batch, init_state_sharded
 from train.checkpoint import Checkpointer
 from train.flops import flops_per_token
 from train.metrics import MetricsWriter, Throughput
 from train.optimizer import OptimizerConfig, make_optimizer
-from train.state import TrainState, init_state
+from train.state import TrainState
 from train.step import LossConfig, NonFinite, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -105,10 +107,20 @@ def _host_scalars(metrics: dict) -> dict[str, Any]:
     return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(eval_step, state: TrainState, batches: Iterable[dict], mtp_weight: float) -> dict:
-    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum."""
+def evaluate(
+    eval_step,
+    state: TrainState,
+    batches: Iterable[dict],
+    mtp_weight: float,
+    parallel: Parallel | None = None,
+) -> dict:
+    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum.
+
+    With `parallel`, batches are this process's rows of global batches."""
     totals: dict[str, list[float]] = {}
     for batch in batches:
+        if parallel is not None:
+            batch = global_batch(parallel, batch)
         for name, (total, count) in jax.device_get(eval_step(state, batch)).items():
             acc = totals.setdefault(name, [0.0, 0.0])
             acc[0] += float(total)
@@ -137,19 +149,23 @@ def train(
     seed: int = 0,
     meta: dict | None = None,
     initial_state: Callable[[TrainState], TrainState] | None = None,
+    parallel: Parallel | None = None,
 ) -> RunResult:
     """Train to loop_cfg.steps, resuming from run_dir/checkpoints when one is there.
 
     `train_iter` should be a grain iterator (its state is checkpointed); `eval_batches()` yields
     the held-out batches afresh each call. `initial_state(fresh)` may replace the freshly
-    initialized state of a new run (e.g. weights from another run's checkpoint).
+    initialized state of a new run (e.g. weights from another run's checkpoint). `parallel`
+    (default: FSDP over every device) gives the mesh and rules; batches are this process's
+    rows, and the state is created, stepped and checkpointed in its shardings.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
     optimizer = make_optimizer(opt_cfg)
     schedule = opt_cfg.schedule
-    state = init_state(model_cfg, optimizer, jax.random.key(seed))
+    parallel = parallel or make_parallel(ParallelConfig())
+    state, shardings = init_state_sharded(model_cfg, optimizer, jax.random.key(seed), parallel)
     checkpointer = Checkpointer(
         run_dir / "checkpoints", every=loop_cfg.checkpoint_every, keep=loop_cfg.keep_checkpoints
     )
@@ -159,12 +175,18 @@ def train(
         state = restored[0]
         log.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
     elif initial_state is not None:
-        state = initial_state(state)
+        state = jax.device_put(initial_state(state), shardings)
 
+    batch_sharding = parallel.batch_sharding()
     train_step = jax.jit(
-        make_train_step(model_cfg, loss_cfg, optimizer, schedule), donate_argnums=0
+        make_train_step(model_cfg, loss_cfg, optimizer, schedule),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, parallel.replicated()),
+        donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(model_cfg, loss_cfg))
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings, batch_sharding)
+    )
     throughput = Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops)
     start_step, stop = int(state.step), _StopFlag()
     last_train: dict[str, Any] = {}
@@ -180,7 +202,7 @@ def train(
         if eval_batches is None or loop_cfg.eval_batches == 0:
             return
         mtp_weight = float(loss_cfg.mtp_weight_at(np.int32(step)))
-        last_eval = evaluate(eval_step, state, eval_batches(), mtp_weight)
+        last_eval = evaluate(eval_step, state, eval_batches(), mtp_weight, parallel)
         writer.write(step, last_eval, prefix="eval/")
 
     def record(step: int, metrics: dict, seconds: float | None, writer, bar) -> None:
@@ -212,14 +234,14 @@ def train(
             )
 
     interrupted = False
-    with MetricsWriter(run_dir) as writer, stop.installed():
+    with MetricsWriter(run_dir) as writer, stop.installed(), parallel.activate():
         bar = None
         if loop_cfg.progress:
             bar = tqdm(total=loop_cfg.steps, initial=start_step, desc="train", unit="step")
         pending = None  # (step, metrics, dispatch time, untimed) of the step before
         try:
             for step in range(start_step + 1, loop_cfg.steps + 1):
-                batch = next(train_iter)
+                batch = global_batch(parallel, next(train_iter))
                 dispatched = time.perf_counter()
                 state, metrics = train_step(state, batch)
                 if pending is not None:  # fetch step N-1's metrics while step N runs

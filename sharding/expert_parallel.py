@@ -1,0 +1,120 @@
+"""Expert parallelism: token copies travel to the device that owns their expert and back.
+
+Under rules that map the logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and
+up), the MoE layer calls `routed_experts_ep` instead of computing every expert locally:
+
+  1. each device groups its token copies by destination (owner = expert // experts_per_device)
+  2. all_to_all over the expert axis delivers them; the owner runs its local experts
+  3. all_to_all back, then each token sums its top-k outputs with its routing weights
+
+No token is dropped: every destination buffer has room for all of a device's copies (the
+padded path, used on CPU where `ragged_all_to_all` is not implemented). Routing, and so the
+expert counts the bias update reads, is computed on the global batch outside, by GSPMD.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+EXPERTS = "exp"
+BATCH = "activation_batch"
+
+
+def _rule(logical: str) -> tuple[str, ...]:
+    for name, axes in nn.get_logical_axis_rules():
+        if name == logical:
+            return (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return ()
+
+
+def active_axis() -> str | None:
+    """The mesh axis experts are split over in the current context, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    axes = [a for a in _rule(EXPERTS) if mesh.shape.get(a, 1) > 1]
+    if len(axes) > 1:
+        raise ValueError(f"experts may be split over one mesh axis, the rules give {axes}")
+    return axes[0] if axes else None
+
+
+def _exchange(x_ExMx_: jax.Array, axis: str) -> jax.Array:
+    """Send block e of the leading axis to device e of `axis`; block e of the result came
+    from device e."""
+    shape = x_ExMx_.shape
+    flat = x_ExMx_.reshape(shape[0] * shape[1], *shape[2:])
+    return jax.lax.all_to_all(flat, axis, 0, 0, tiled=True).reshape(shape)
+
+
+def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis):
+    ep = jax.lax.axis_size(axis)
+    n, K = experts_nxK.shape
+    M = n * K
+    E_local = w["wi_gate"].shape[0]
+    expert_M = experts_nxK.reshape(M)
+    dest_M, local_M = expert_M // E_local, expert_M % E_local
+    # Each copy's slot in its destination's buffer: its rank among copies to that device.
+    order_M = jnp.argsort(dest_M, stable=True)
+    counts_ep = jnp.bincount(dest_M, length=ep)
+    starts_ep = jnp.cumsum(counts_ep) - counts_ep
+    rank_sorted = jnp.arange(M) - starts_ep[dest_M[order_M]]
+    rank_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted.astype(jnp.int32))
+    token_M = jnp.arange(M) // K
+
+    send_x = jnp.zeros((ep, M, x_nxD.shape[-1]), x_nxD.dtype)
+    send_x = send_x.at[dest_M, rank_M].set(x_nxD[token_M])
+    send_expert = jnp.zeros((ep, M), jnp.int32).at[dest_M, rank_M].set(local_M)
+    recv_x, recv_expert = _exchange(send_x, axis), _exchange(send_expert, axis)
+
+    # Empty slots hold zeros for expert 0: SwiGLU(0) = 0 and nobody reads them back.
+    rows = ep * M
+    y_RxD = local_experts(
+        recv_x.reshape(rows, -1),
+        recv_expert.reshape(rows, 1),
+        jnp.ones((rows, 1), weights_nxK.dtype),
+        w,
+    )
+    back = _exchange(y_RxD.reshape(ep, M, -1), axis)
+    y_nxKxD = back[dest_M, rank_M].reshape(n, K, -1)
+    return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
+
+
+def routed_experts_ep(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+    local_experts: Callable,
+    axis: str,
+) -> jax.Array:
+    """sum_k weight_k * Expert_k(x) with experts split over `axis` (see the module doc).
+
+    `local_experts(x, experts, weights, w_local)` computes a device's own experts.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    E, ep = w["wi_gate"].shape[0], mesh.shape[axis]
+    if E % ep:
+        raise ValueError(f"{E} experts cannot be split evenly over {axis} = {ep} devices")
+    # Tokens stay split as the batch is; a token count the batch axes do not divide (model
+    # init's one dummy token) is split over fewer axes: any split gives the same result.
+    batch, ways = [], 1
+    for a in _rule(BATCH):
+        if a in mesh.shape and x_NxD.shape[0] % (ways * mesh.shape[a]) == 0:
+            batch.append(a)
+            ways *= mesh.shape[a]
+    tokens = P(tuple(batch) or None)
+    experts = P(axis)
+    fn = jax.shard_map(
+        functools.partial(_dispatch_compute_combine, local_experts=local_experts, axis=axis),
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, {k: experts for k in w}),
+        out_specs=tokens,
+        check_vma=False,
+    )
+    return fn(x_NxD, experts_NxK, weights_NxK, w)

@@ -1,0 +1,172 @@
+"""Sharded runs compute what a single device computes (run on 8 forced host devices by
+tests/test_sharding.py; skipped in a process with fewer devices)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+import model
+from sharding.mesh import ParallelConfig, make_parallel
+from sharding.partition import global_batch, init_state_sharded
+from sharding.rules import Rules
+from tests.conftest import tiny_config
+from train.checkpoint import Checkpointer
+from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
+from train.packing import TOKENS, to_batch
+from train.step import LossConfig, make_train_step, objective
+
+pytestmark = pytest.mark.skipif(
+    jax.device_count() < 8, reason="needs 8 devices: run through tests/test_sharding.py"
+)
+
+CFG = tiny_config(d_model=64, vocab_size=128)
+B, L, STEPS = 8, 16, 3
+SCHEDULE = LRSchedule(peak_lr=1e-2, warmup_steps=1)
+OPTIMIZER = make_optimizer(OptimizerConfig(schedule=SCHEDULE))
+PRESETS = {
+    "data": ParallelConfig(data=8, rules=Rules.DATA),
+    "fsdp": ParallelConfig(rules=Rules.FSDP),
+    "fsdp_ep": ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP),
+    "fsdp_ep_tp": ParallelConfig(fsdp=2, expert=2, tensor=2, rules=Rules.FSDP_EP_TP),
+}
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    for _ in range(STEPS):
+        tokens = rng.integers(0, CFG.vocab_size, (B, L + 1), np.int32)
+        rows = {
+            TOKENS: tokens,
+            f"{TOKENS}_segment_ids": np.ones_like(tokens),
+            f"{TOKENS}_positions": np.broadcast_to(np.arange(L + 1, dtype=np.int32), tokens.shape),
+        }
+        yield to_batch(rows, mask_documents=False)
+
+
+def _single_device():
+    return make_parallel(ParallelConfig(fsdp=1), devices=jax.devices()[:1])
+
+
+def _run(parallel):
+    """(per-step losses, step-0 gradients, final state) of STEPS train steps."""
+    state, shardings = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
+    step = jax.jit(
+        make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE),
+        in_shardings=(shardings, parallel.batch_sharding()),
+        out_shardings=(shardings, parallel.replicated()),
+    )
+
+    @jax.jit
+    def grads(params, router_bias, batch):
+        loss = lambda p: objective(
+            CFG, LossConfig(), {"params": p, "router_bias": router_bias}, batch, 0
+        )[0]
+        return jax.grad(loss)(params)
+
+    losses, first_grads = [], None
+    with parallel.activate():
+        for batch in _batches():
+            batch = global_batch(parallel, batch)
+            if first_grads is None:
+                first_grads = jax.device_get(grads(state.params, state.router_bias, batch))
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return losses, first_grads, state
+
+
+@functools.cache
+def _reference():
+    return _run(_single_device())
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_losses_and_gradients_equal_one_device(preset):
+    want_losses, want_grads, want_state = _reference()
+    losses, grads, state = _run(make_parallel(PRESETS[preset]))
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+    worst = max(
+        float(np.abs(g - w).max())
+        for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True)
+    )
+    print(
+        f"{preset}: max |loss diff| {np.abs(np.subtract(losses, want_losses)).max():.2e}, "
+        f"max |grad diff| {worst:.2e}"
+    )
+    assert worst < 1e-5
+    bias = jax.device_get(state.router_bias)
+    want_bias = jax.device_get(want_state.router_bias)
+    for a, b in zip(jax.tree.leaves(bias), jax.tree.leaves(want_bias), strict=True):
+        np.testing.assert_array_equal(a, b)  # same global expert counts on every layout
+
+
+def _spec(state, *path):
+    leaf = state.params
+    for key in path:
+        leaf = leaf[key]
+    return tuple(leaf.sharding.spec)
+
+
+def test_parameter_shardings_follow_the_rules():
+    by_preset = {}
+    for name, cfg in PRESETS.items():
+        state, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), make_parallel(cfg))
+        by_preset[name] = state
+    experts = ("moe_layers", "moe", "experts", "wi_gate")  # [layers, exp, embed, mlp]
+    assert all(a is None for a in _spec(by_preset["data"], *experts))
+    assert _spec(by_preset["fsdp"], *experts) == (None, None, "fsdp", None)
+    assert _spec(by_preset["fsdp_ep"], *experts) == (None, "expert", "fsdp", None)
+    assert _spec(by_preset["fsdp_ep_tp"], *experts) == (None, "expert", "fsdp", "tensor")
+    heads = ("dense_layers", "attn", "wo")  # [layers, heads, kv, embed]
+    assert _spec(by_preset["fsdp_ep_tp"], *heads) == (None, "tensor", None, "fsdp")
+    # Adam moments are sharded like their parameters.
+    mu = by_preset["fsdp_ep"].opt_state[1][0].mu["moe_layers"]["moe"]["experts"]["wi_gate"]
+    assert tuple(mu.sharding.spec) == (None, "expert", "fsdp", None)
+    # Each device holds 1/8 of the expert weights under fsdp x expert = 2 x 4.
+    w = by_preset["fsdp_ep"].params["moe_layers"]["moe"]["experts"]["wi_gate"]
+    assert w.addressable_shards[0].data.size * 8 == w.size
+
+
+def test_expert_parallel_layer_uses_all_to_all():
+    parallel = make_parallel(PRESETS["fsdp_ep"])
+    state, shardings = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
+    step = jax.jit(make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE))
+    with parallel.activate():
+        batch = global_batch(parallel, next(_batches()))
+        hlo = step.lower(state, batch).compile().as_text()
+    assert "all-to-all" in hlo
+
+
+def test_checkpoint_restores_onto_other_meshes(tmp_path):
+    saved_on = make_parallel(ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP))
+    state, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(3), saved_on)
+    checkpointer = Checkpointer(tmp_path, every=1, keep=1)
+    checkpointer.save(state, None, {})
+    checkpointer.wait()
+    want = jax.device_get(state.params)
+    for target in (make_parallel(ParallelConfig(fsdp=8)), _single_device()):
+        like, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), target)
+        restored, _ = checkpointer.restore_latest(like, None)
+        leaf = restored.params["moe_layers"]["moe"]["experts"]["wi_gate"]
+        assert leaf.sharding.mesh.shape == target.mesh.shape
+        for a, b in zip(
+            jax.tree.leaves(jax.device_get(restored.params)), jax.tree.leaves(want), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
+    checkpointer.close()
+
+
+def test_generation_under_a_mesh_equals_one_device():
+    variables = model.init(CFG, jax.random.key(0))
+    prompts = [[3, 14, 15, 92, 65, 35], [2, 71]] * 4
+    want = model.generate(CFG, variables, prompts, max_new_tokens=6, temperature=0)
+    parallel = make_parallel(PRESETS["fsdp_ep"])
+    from sharding.partition import variable_shardings
+
+    sharded = jax.device_put(variables, variable_shardings(CFG, parallel))
+    with parallel.activate():
+        got = model.generate(CFG, sharded, prompts, max_new_tokens=6, temperature=0)
+    assert got.completions() == want.completions()
