@@ -132,7 +132,7 @@ def test_parameter_shardings_follow_the_rules():
 
 def test_expert_parallel_layer_uses_all_to_all():
     parallel = make_parallel(PRESETS["fsdp_ep"])
-    state, shardings = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
+    state, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
     step = jax.jit(make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE))
     with parallel.activate():
         batch = global_batch(parallel, next(_batches()))
