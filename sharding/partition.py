@@ -106,6 +106,14 @@ def init_state_sharded(
 def global_batch(parallel: Parallel, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """This process's rows of the batch -> global arrays split over the batch axes."""
     sharding = parallel.batch_sharding()
+    for name, rows in local.items():
+        global_rows = len(rows) * jax.process_count()
+        if global_rows % parallel.batch_size_multiple:
+            raise ValueError(
+                f"batch '{name}' has {global_rows} rows over all processes: not divisible by "
+                f"the {parallel.batch_size_multiple} devices that split the batch "
+                f"(mesh {dict(parallel.mesh.shape)}); change the batch size or the mesh"
+            )
     return {
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
     }

@@ -19,6 +19,7 @@ import jax
 
 import model
 from model import ModelConfig
+from sharding.mesh import ParallelConfig, make_parallel
 from train.checkpoint import Checkpointer
 from train.data import TOKENIZER_FILE, DataConfig, make_iterator, prepare_tokenizer
 from train.loop import LoopConfig, evaluate, train
@@ -41,6 +42,7 @@ class PretrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     vocab_size: int = 2048  # BPE vocabulary trained on a sample of the training corpus
     tokenizer_sample_bytes: int = 4 << 20
     init_from: str | None = None  # a run dir: start from its latest weights (and tokenizer)
@@ -115,9 +117,12 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         def initial_state(fresh: TrainState) -> TrainState:
             return fresh.replace(params=source.params, router_bias=source.router_bias)
 
+    # Each process reads its own documents and yields its own data.batch_size rows.
+    shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
+
     def eval_batches():
         return itertools.islice(
-            make_iterator(config.data, tokenizer, Split.HELDOUT), config.loop.eval_batches
+            make_iterator(config.data, tokenizer, Split.HELDOUT, **shard), config.loop.eval_batches
         )
 
     result = train(
@@ -126,12 +131,13 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         loss_cfg=config.loss,
         opt_cfg=config.optimizer,
         loop_cfg=config.loop,
-        train_iter=make_iterator(config.data, tokenizer, Split.TRAIN),
+        train_iter=make_iterator(config.data, tokenizer, Split.TRAIN, **shard),
         eval_batches=eval_batches,
         seq_len=config.data.seq_len,
         seed=config.seed,
         meta={"config": to_json(config)},
         initial_state=initial_state,
+        parallel=make_parallel(config.parallel),
     )
     maxvio = [r["maxvio_mean"] for r in read_metrics(run_dir) if "maxvio_mean" in r]
     tail = maxvio[-max(len(maxvio) // 10, 1) :]
