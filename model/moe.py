@@ -156,14 +156,9 @@ class MoE(nn.Module):
         experts_NxK, weights_NxK = route(scores_NxE, bias_E, c)
         w = RoutedExperts(c, self.init_std, self.param_dtype, name="experts")(D)
         w = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), w)
-        axis = expert_parallel.active_axis()
-        if axis is None:
-            out_NxD = routed_experts(x_NxD, experts_NxK, weights_NxK, w, c)
-        else:  # experts split over devices: tokens travel to them (sharding/expert_parallel.py)
-            local = functools.partial(routed_experts, cfg=c)
-            out_NxD = expert_parallel.routed_experts_ep(
-                x_NxD, experts_NxK, weights_NxK, w, local, axis
-            )
+        # Under a mesh: per-device routing, or tokens sent to their experts' devices.
+        local = functools.partial(routed_experts, cfg=c)
+        out_NxD = expert_parallel.routed_experts(x_NxD, experts_NxK, weights_NxK, w, local)
         out_BxTxD = out_NxD.reshape(B, T, D)
         if c.num_shared_experts:
             shared = MLP(

@@ -1,15 +1,20 @@
-"""Expert parallelism: token copies travel to the device that owns their expert and back.
+"""The routed experts under a mesh; expert parallelism: token copies travel to the device
+that owns their expert and back.
 
-Under rules that map the logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and
-up), the MoE layer calls `routed_experts_ep` instead of computing every expert locally:
+The MoE layer calls `routed_experts`. Without expert sharding but with the batch split, each
+device routes its own tokens through all-gathered expert weights. Under rules that map the
+logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and up) it runs
+`routed_experts_ep`:
 
   1. each device groups its token copies by destination (owner = expert // experts_per_device)
   2. all_to_all over the expert axis delivers them; the owner runs its local experts
   3. all_to_all back, then each token sums its top-k outputs with its routing weights
 
-No token is dropped: every destination buffer has room for all of a device's copies (the
-padded path, used on CPU where `ragged_all_to_all` is not implemented). Routing, and so the
-expert counts the bias update reads, is computed on the global batch outside, by GSPMD.
+No token is dropped: every destination buffer has room for all of a device's copies, so a
+device's send and receive buffers hold expert-axis-size x its copies, mostly padding (the
+padded path; `ragged_all_to_all`, not implemented on CPU, is not used yet on any backend).
+Routing, and so the expert counts the bias update reads, is computed on the global batch
+outside, by GSPMD.
 """
 
 from __future__ import annotations
@@ -85,6 +90,53 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
 
 
+def _token_axes(mesh, num_tokens: int) -> tuple[str, ...]:
+    """The batch's mesh axes (size > 1) that split num_tokens evenly. A count they do not
+    divide (model init's one dummy token) is split over fewer: any split gives the same
+    result."""
+    batch, ways = [], 1
+    for a in _rule(BATCH):
+        size = mesh.shape.get(a, 1)
+        if size > 1 and num_tokens % (ways * size) == 0:
+            batch.append(a)
+            ways *= size
+    return tuple(batch)
+
+
+def routed_experts(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+    local_experts: Callable,
+) -> jax.Array:
+    """sum_k weight_k * Expert_k(x) as the current mesh and rules say.
+
+    `local_experts(x, experts, weights, w)` is the single-device computation. Experts split
+    over a mesh axis: tokens travel to them (`routed_experts_ep`). Otherwise, with the batch
+    split: each device routes its own tokens through gathered expert weights (left to GSPMD,
+    the sort by expert would run on the global batch on every device). No mesh: local.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local_experts(x_NxD, experts_NxK, weights_NxK, w)
+    axis = active_axis()
+    if axis is not None:
+        return routed_experts_ep(x_NxD, experts_NxK, weights_NxK, w, local_experts, axis)
+    batch = _token_axes(mesh, x_NxD.shape[0])
+    if not batch:
+        return local_experts(x_NxD, experts_NxK, weights_NxK, w)
+    tokens = P(batch)
+    fn = jax.shard_map(
+        local_experts,
+        mesh=mesh,
+        in_specs=(tokens, tokens, tokens, {k: P() for k in w}),
+        out_specs=tokens,
+        check_vma=False,
+    )
+    return fn(x_NxD, experts_NxK, weights_NxK, w)
+
+
 def routed_experts_ep(
     x_NxD: jax.Array,
     experts_NxK: jax.Array,
@@ -101,14 +153,7 @@ def routed_experts_ep(
     E, ep = w["wi_gate"].shape[0], mesh.shape[axis]
     if E % ep:
         raise ValueError(f"{E} experts cannot be split evenly over {axis} = {ep} devices")
-    # Tokens stay split as the batch is; a token count the batch axes do not divide (model
-    # init's one dummy token) is split over fewer axes: any split gives the same result.
-    batch, ways = [], 1
-    for a in _rule(BATCH):
-        if a in mesh.shape and x_NxD.shape[0] % (ways * mesh.shape[a]) == 0:
-            batch.append(a)
-            ways *= mesh.shape[a]
-    tokens = P(tuple(batch) or None)
+    tokens = P(_token_axes(mesh, x_NxD.shape[0]) or None)
     experts = P(axis)
     fn = jax.shard_map(
         functools.partial(_dispatch_compute_combine, local_experts=local_experts, axis=axis),
