@@ -23,8 +23,9 @@ The temporaries are those of the CPU lowering (XLA's buffer assignment, e.g. wit
 --xla_dump_to): the padded all-to-all of sharding/expert_parallel.py gives every device room
 for expert x tokens x top_k rows (7 GiB per float32 buffer at expert 8; 64x the real rows at
 expert 64, hence ~1 TB), plain attention keeps float32 scores [heads, 4096, 4096] (8 GiB each),
-and under plain FSDP the routed copies of the whole global batch (64 x 4096 x 8 rows, 58 GiB
-per float32 buffer) end up on every device: GSPMD does not split the expert sort.
+and under plain FSDP every device gathers each MoE layer's expert weights whole (its token
+routing is per device since sharding.expert_parallel.routed_experts; before, GSPMD sorted the
+routed copies of the whole global batch on every device).
 
 Global batch = batch_per_device x devices sequences of seq_len tokens in every layout (the same
 tokens per step); under tensor 2 the two tensor devices of a batch shard share its sequences.
