@@ -10,9 +10,11 @@ logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and up) it runs
   2. all_to_all over the expert axis delivers them; the owner runs its local experts
   3. all_to_all back, then each token sums its top-k outputs with its routing weights
 
-No token is dropped: every destination buffer has room for all of a device's copies, so a
-device's send and receive buffers hold expert-axis-size x its copies, mostly padding (the
-padded path; `ragged_all_to_all`, not implemented on CPU, is not used yet on any backend).
+No token is dropped: every receive buffer has room for all copies of every device, so it
+holds expert-axis-size x a device's copies, mostly empty. On GPU/TPU only the real rows travel
+(`ragged_all_to_all`); on CPU, where that collective is not implemented, padded blocks go
+through `all_to_all` (the ragged path runs there too, over an emulation of the collective,
+so tests check its offsets).
 Routing, and so the expert counts the bias update reads, is computed on the global batch
 outside, by GSPMD.
 """
@@ -90,6 +92,61 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
 
 
+def _ragged_exchange(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis):
+    """`jax.lax.ragged_all_to_all` where the backend has it; on CPU (not implemented there)
+    the same semantics over a padded all_to_all."""
+    if jax.default_backend() != "cpu":
+        return jax.lax.ragged_all_to_all(
+            operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+            axis_name=axis,
+        )  # fmt: skip
+    ep, M = input_offsets.shape[0], operand.shape[0]
+    r = jnp.arange(M)
+    rows = jnp.clip(input_offsets[:, None] + r, 0, M - 1)
+    sending = (r < send_sizes[:, None]).reshape(ep, M, *(1,) * (operand.ndim - 1))
+    received = _exchange(jnp.where(sending, operand[rows], 0), axis)
+    # Where sender i's rows land here: its output_offsets entry for this device.
+    landing = _exchange(output_offsets[:, None], axis)[:, 0]
+    slots = jnp.where(r < recv_sizes[:, None], landing[:, None] + r, output.shape[0])
+    return output.at[slots].set(received, mode="drop")
+
+
+def _dispatch_ragged(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis):
+    """The same as _dispatch_compute_combine with ragged exchanges: only real rows travel.
+    The receive buffer still has room for every device's copies (no token dropped)."""
+    ep = jax.lax.axis_size(axis)
+    n, K = experts_nxK.shape
+    M = n * K
+    E_local = w["wi_gate"].shape[0]
+    expert_M = experts_nxK.reshape(M)
+    dest_M = expert_M // E_local
+    order_M = jnp.argsort(dest_M, stable=True)  # copies grouped by destination device
+    send_sizes = jnp.bincount(dest_M, length=ep).astype(jnp.int32)
+    send_starts = jnp.cumsum(send_sizes) - send_sizes
+    recv_sizes = jax.lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)
+    recv_starts = jnp.cumsum(recv_sizes) - recv_sizes
+    land_there = jax.lax.all_to_all(recv_starts, axis, 0, 0, tiled=True)
+    rows = ep * M
+    exchange = functools.partial(_ragged_exchange, axis=axis)
+    recv_x = exchange(
+        x_nxD[order_M // K], jnp.zeros((rows, x_nxD.shape[-1]), x_nxD.dtype),
+        send_starts, send_sizes, land_there, recv_sizes,
+    )  # fmt: skip
+    recv_expert = exchange(
+        (expert_M % E_local)[order_M].astype(jnp.int32), jnp.zeros((rows,), jnp.int32),
+        send_starts, send_sizes, land_there, recv_sizes,
+    )  # fmt: skip
+    y_RxD = local_experts(recv_x, recv_expert[:, None], jnp.ones((rows, 1), weights_nxK.dtype), w)
+    # Back: the rows of sender i return to where they started in its sorted buffer.
+    land_back = jax.lax.all_to_all(send_starts, axis, 0, 0, tiled=True)
+    y_sorted = exchange(
+        y_RxD, jnp.zeros((M, y_RxD.shape[-1]), y_RxD.dtype),
+        recv_starts, recv_sizes, land_back, send_sizes,
+    )  # fmt: skip
+    y_nxKxD = jnp.zeros_like(y_sorted).at[order_M].set(y_sorted).reshape(n, K, -1)
+    return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
+
+
 def _token_axes(mesh, num_tokens: int) -> tuple[str, ...]:
     """The batch's mesh axes (size > 1) that split num_tokens evenly. A count they do not
     divide (model init's one dummy token) is split over fewer: any split gives the same
@@ -144,11 +201,17 @@ def routed_experts_ep(
     w: dict[str, jax.Array],
     local_experts: Callable,
     axis: str,
+    ragged: bool | None = None,
 ) -> jax.Array:
     """sum_k weight_k * Expert_k(x) with experts split over `axis` (see the module doc).
 
-    `local_experts(x, experts, weights, w_local)` computes a device's own experts.
+    `local_experts(x, experts, weights, w_local)` computes a device's own experts. ragged
+    (default: on GPU/TPU) exchanges only the real rows with `ragged_all_to_all`; otherwise
+    padded blocks go through `all_to_all` (CPU, where the ragged collective does not exist).
     """
+    if ragged is None:
+        ragged = jax.default_backend() != "cpu"
+    dispatch = _dispatch_ragged if ragged else _dispatch_compute_combine
     mesh = jax.sharding.get_abstract_mesh()
     E, ep = w["wi_gate"].shape[0], mesh.shape[axis]
     if E % ep:
@@ -156,7 +219,7 @@ def routed_experts_ep(
     tokens = P(_token_axes(mesh, x_NxD.shape[0]) or None)
     experts = P(axis)
     fn = jax.shard_map(
-        functools.partial(_dispatch_compute_combine, local_experts=local_experts, axis=axis),
+        functools.partial(dispatch, local_experts=local_experts, axis=axis),
         mesh=mesh,
         in_specs=(tokens, tokens, tokens, {k: experts for k in w}),
         out_specs=tokens,
