@@ -1,1 +1,1 @@
-"""RL: GRPO, rollouts, rule-based and sandboxed rewards, rejection sampling (RL issues)."""
+"""GRPO, rewards, rollouts and the R1-Zero / R1 pipelines (in progress: rewards first)."""
