@@ -1,0 +1,73 @@
+"""Verifiable tasks for RL: the R1-Zero prompt template, arithmetic and countdown problems
+with disjoint train / held-out splits (by a hash of the question, as train/arithmetic.py).
+
+A task sample is a dict: `prompt` (the templated text) plus the columns its reward reads
+(`answer` for integer_accuracy; `numbers` and `target` for countdown_reward).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from train import arithmetic
+from train.splits import Split, check_fraction, split_of
+
+# The R1-Zero template's structure (PAPER_FACTS.md), in our own words.
+TEMPLATE = (
+    "A conversation between User and Assistant. The User asks a question and the Assistant "
+    "solves it: it first reasons step by step inside <think> </think>, then gives the final "
+    "answer inside <answer> </answer>, as in <think> reasoning </think> <answer> answer "
+    "</answer>.\nUser: {question}\nAssistant:"
+)
+
+
+def r1_zero_prompt(question: str) -> str:
+    return TEMPLATE.format(question=question)
+
+
+def arithmetic_tasks(split: Split, count: int, seed: int, *, max_digits: int = 3) -> list[dict]:
+    """Multi-digit +, -, x problems (train/arithmetic.py) as RL samples."""
+    problems = arithmetic.generate(split, count, seed, max_digits=max_digits)
+    return [{"prompt": r1_zero_prompt(p.question), "answer": p.answer} for p in problems]
+
+
+def _countdown_question(numbers: list[int], target: int) -> str:
+    listed = ", ".join(map(str, numbers))
+    return (
+        f"Using the numbers {listed}, each exactly once, and + - * / with parentheses, "
+        f"write an expression equal to {target}."
+    )
+
+
+def countdown_tasks(
+    split: Split,
+    count: int,
+    seed: int,
+    *,
+    num_numbers: int = 3,
+    max_number: int = 20,
+    heldout_fraction: float = 0.1,
+) -> list[dict]:
+    """Countdown problems that are solvable by construction: the target is the value of a
+    random expression over the numbers (a positive integer)."""
+    if not 2 <= num_numbers <= 6:
+        raise ValueError(f"num_numbers must be in [2, 6], got {num_numbers!r}")
+    check_fraction("countdown_tasks", "heldout_fraction", heldout_fraction)
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    for _ in range(1000 * count + 10_000):
+        if len(out) == count:
+            return out
+        numbers = [int(x) for x in rng.integers(1, max_number + 1, num_numbers)]
+        value = numbers[0]
+        for n in numbers[1:]:
+            op = rng.integers(3)
+            value = value + n if op == 0 else value * n if op == 1 else value - n
+        if value <= 0:
+            continue
+        question = _countdown_question(numbers, value)
+        if split_of(question, heldout_fraction) is split:
+            out.append(
+                {"prompt": r1_zero_prompt(question), "numbers": numbers, "target": int(value)}
+            )
+    raise RuntimeError(f"could not draw {count} countdown problems for {split}")
