@@ -75,9 +75,8 @@ def speculative_padded(
         logits, hidden, cache = decode.extend(
             cfg, variables, jnp.stack([pending_B, draft_B], axis=1), cache
         )
-        (g1_B, g2_B), (lp1_B, lp2_B) = zip(
-            *(sample(logits[:, k], None, GREEDY) for k in range(2)), strict=True
-        )
+        tokens_2B, logprobs_2B = sample(logits.swapaxes(0, 1).reshape(2 * B, -1), None, GREEDY)
+        (g1_B, g2_B), (lp1_B, lp2_B) = tokens_2B.reshape(2, B), logprobs_2B.reshape(2, B)
         emitted = emitted.emit(g1_B, lp1_B, active_B, stop_tokens)
         can_draft_B = ~emitted.done  # g1 did not stop the row or fill it
         accept_B = can_draft_B & (g1_B == draft_B)

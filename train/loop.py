@@ -109,7 +109,7 @@ def _host_scalars(metrics: dict) -> dict[str, Any]:
 
 def evaluate(
     eval_step,
-    state: TrainState,
+    variables: dict,
     batches: Iterable[dict],
     mtp_weight: float,
     parallel: Parallel | None = None,
@@ -121,7 +121,7 @@ def evaluate(
     for batch in batches:
         if parallel is not None:
             batch = global_batch(parallel, batch)
-        for name, (total, count) in jax.device_get(eval_step(state, batch)).items():
+        for name, (total, count) in jax.device_get(eval_step(variables, batch)).items():
             acc = totals.setdefault(name, [0.0, 0.0])
             acc[0] += float(total)
             acc[1] += float(count)
@@ -185,7 +185,7 @@ def train(
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings, batch_sharding)
+        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings.variables, batch_sharding)
     )
     throughput = Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops)
     start_step, stop = int(state.step), _StopFlag()
@@ -202,7 +202,7 @@ def train(
         if eval_batches is None or loop_cfg.eval_batches == 0:
             return
         mtp_weight = float(loss_cfg.mtp_weight_at(np.int32(step)))
-        last_eval = evaluate(eval_step, state, eval_batches(), mtp_weight, parallel)
+        last_eval = evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
         writer.write(step, last_eval, prefix="eval/")
 
     def record(step: int, metrics: dict, seconds: float | None, writer, bar) -> None:

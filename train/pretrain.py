@@ -20,13 +20,13 @@ import jax
 import model
 from model import ModelConfig
 from sharding.mesh import ParallelConfig, make_parallel
-from train.checkpoint import Checkpointer
 from train.data import TOKENIZER_FILE, DataConfig, make_iterator, prepare_tokenizer
 from train.loop import LoopConfig, evaluate, train
 from train.metrics import read_metrics
-from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
+from train.optimizer import LRSchedule, OptimizerConfig
+from train.run import latest_weights
 from train.splits import Split
-from train.state import TrainState, init_state
+from train.state import TrainState
 from train.step import LossConfig, make_eval_step
 from train.tokenizer import Tokenizer
 
@@ -77,19 +77,6 @@ def to_json(obj: Any) -> Any:
     return obj
 
 
-def _weights_from(run_dir: Path, cfg: ModelConfig, optimizer) -> TrainState:
-    """The latest params and router biases of another run (its optimizer state is dropped)."""
-    like = init_state(cfg, optimizer, jax.random.key(0))
-    checkpointer = Checkpointer(run_dir / "checkpoints", every=1, keep=1_000_000)
-    try:
-        restored = checkpointer.restore_latest(like, None)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise FileNotFoundError(f"init_from: no readable checkpoint under {run_dir}/checkpoints")
-    return restored[0]
-
-
 def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
     """Train (or resume) in run_dir; returns a summary of scalars."""
     run_dir = Path(run_dir)
@@ -111,11 +98,10 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
 
     initial_state = None
     if config.init_from is not None:
-        optimizer = make_optimizer(config.optimizer)
-        source = _weights_from(Path(config.init_from), cfg, optimizer)
+        source, _ = latest_weights(config.init_from, cfg)
 
         def initial_state(fresh: TrainState) -> TrainState:
-            return fresh.replace(params=source.params, router_bias=source.router_bias)
+            return fresh.replace(params=source["params"], router_bias=source["router_bias"])
 
     # Each process reads its own documents and yields its own data.batch_size rows.
     shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
@@ -181,8 +167,8 @@ def evaluate_run(
     cfg = config.model.replace(
         vocab_size=tokenizer.vocab_size, max_seq_len=max(config.model.max_seq_len, seq_len)
     )
-    state = _weights_from(run_dir, cfg, make_optimizer(config.optimizer))
+    variables, _ = latest_weights(run_dir, cfg)
     data = dataclasses.replace(config.data, seq_len=seq_len)
     eval_step = jax.jit(make_eval_step(cfg, config.loss))
     batches_it = itertools.islice(make_iterator(data, tokenizer, Split.HELDOUT), batches)
-    return evaluate(eval_step, state, batches_it, config.loss.mtp_weight)
+    return evaluate(eval_step, variables, batches_it, config.loss.mtp_weight)

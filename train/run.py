@@ -44,6 +44,23 @@ def model_config(run_dir: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(data)
 
 
+def latest_weights(run_dir: str | Path, cfg: ModelConfig) -> tuple[dict, int]:
+    """({'params', 'router_bias'}, step) of the run's newest readable checkpoint, shaped for
+    cfg (which may differ from the run's own in shape-free settings such as YaRN)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise FileNotFoundError(f"{checkpoints} does not exist: the run saved no checkpoint")
+    like = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
+    checkpointer = Checkpointer(checkpoints, every=1, keep=1_000_000)
+    try:
+        found = checkpointer.restore_weights(like)
+    finally:
+        checkpointer.close()
+    if found is None:
+        raise FileNotFoundError(f"no readable checkpoint under {checkpoints}")
+    return found
+
+
 def load_run(run_dir: str | Path) -> Run:
     """The config, tokenizer and newest readable checkpoint of a run directory."""
     run_dir = Path(run_dir)
@@ -53,16 +70,5 @@ def load_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"{tokenizer_path} does not exist")
     tokenizer = Tokenizer.load(tokenizer_path)
     cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    like = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
-    checkpoints = run_dir / "checkpoints"
-    if not checkpoints.is_dir():
-        raise FileNotFoundError(f"{checkpoints} does not exist: the run saved no checkpoint")
-    checkpointer = Checkpointer(checkpoints, every=1, keep=1_000_000)
-    try:
-        found = checkpointer.restore_weights(like)
-    finally:
-        checkpointer.close()
-    if found is None:
-        raise FileNotFoundError(f"no readable checkpoint under {checkpoints}")
-    variables, step = found
+    variables, step = latest_weights(run_dir, cfg)
     return Run(cfg=cfg, variables=variables, tokenizer=tokenizer, step=step)

@@ -230,11 +230,12 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[[TrainState, dict], dict]:
-    """`eval_step(state, batch) -> {name: (sum, count)}` for averaging over held-out batches."""
+def make_eval_step(cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[[dict, dict], dict]:
+    """`eval_step(variables, batch) -> {name: (sum, count)}` for averaging over held-out
+    batches (variables: {'params', 'router_bias'}, e.g. `state.variables`)."""
 
-    def eval_step(state: TrainState, batch: dict) -> dict:
-        out = forward(cfg, state.variables, batch, loss_cfg.mask_documents)
+    def eval_step(variables: dict, batch: dict) -> dict:
+        out = forward(cfg, variables, batch, loss_cfg.mask_documents)
         return token_losses(cfg, out, batch, loss_cfg.mask_documents)
 
     return eval_step
