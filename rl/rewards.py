@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import re
+import threading
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -52,6 +53,37 @@ def integer_accuracy(
     for completion, gold in zip(completions, answer, strict=True):
         parsed = parse(completion)
         out.append(float(parsed is not None and _integer(parsed[1]) == int(gold)))
+    return out
+
+
+def _latex(text: str) -> str:
+    """math-verify finds answers inside $...$ or \\boxed{}; bare answers get wrapped."""
+    text = text.strip()
+    return text if "$" in text or "\\boxed" in text else f"${text}$"
+
+
+def math_accuracy(
+    prompts: Sequence[str], completions: Sequence[str], *, answer: Sequence[str], **_
+) -> list[float]:
+    """1 when the <answer> equals the gold answer mathematically (math-verify: 1/2 = 0.5 =
+    \\frac{1}{2}, sets, intervals, equations), else 0. math-verify's `verify` is not
+    symmetric, so the gold goes first and the prediction second, as its docs require."""
+    import math_verify  # sympy is heavy: imported on first use
+
+    # math-verify's timeouts use SIGALRM, which only the main thread may set.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        parsed = parse(completion)
+        if parsed is None or not parsed[1].strip():
+            out.append(0.0)
+            continue
+        gold_expr = math_verify.parse(_latex(str(gold)), parsing_timeout=timeout)
+        guess = math_verify.parse(_latex(parsed[1]), parsing_timeout=timeout)
+        ok = bool(gold_expr and guess) and math_verify.verify(
+            gold_expr, guess, timeout_seconds=timeout
+        )
+        out.append(float(ok))
     return out
 
 

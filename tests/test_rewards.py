@@ -10,6 +10,7 @@ from rl.rewards import (
     format_reward,
     integer_accuracy,
     language_consistency,
+    math_accuracy,
     parse,
 )
 
@@ -50,6 +51,42 @@ def test_integer_accuracy():
         1.0,
         0.0,
     ]
+
+
+def _answer(text):
+    return f"<think>work</think><answer>{text}</answer>"
+
+
+@pytest.mark.parametrize(
+    ("gold", "prediction", "score"),
+    [
+        ("\\frac{1}{2}", "0.5", 1.0),
+        ("1/2", "\\frac{1}{2}", 1.0),
+        ("0.5", "$\\frac{2}{4}$", 1.0),
+        ("2", "x = 2", 1.0),
+        ("12345", "12,345", 1.0),
+        ("\\sqrt{2}", "1.41", 0.0),  # close is not equal
+        ("3", "4", 0.0),
+        ("3", "", 0.0),
+        ("3", "three and then some words", 0.0),
+    ],
+)
+def test_math_accuracy(gold, prediction, score):
+    assert math_accuracy([""], [_answer(prediction)], answer=[gold]) == [score]
+
+
+def test_math_accuracy_needs_the_format_and_puts_gold_first(monkeypatch):
+    assert math_accuracy([""], ["0.5"], answer=["1/2"]) == [0.0]
+    import math_verify
+
+    calls = []
+    real = math_verify.verify
+    monkeypatch.setattr(
+        math_verify, "verify", lambda g, p, **kw: calls.append((g, p)) or real(g, p, **kw)
+    )
+    math_accuracy([""], [_answer("7")], answer=["\\frac{14}{2}"])
+    ((gold, guess),) = calls
+    assert "\\frac{14}{2}" in gold and "7" in guess
 
 
 def _countdown(expr):
