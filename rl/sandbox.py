@@ -1,0 +1,779 @@
+"""Run untrusted Python in a sandbox: the executor behind the code-execution reward (issue 6).
+
+    result = run_python("print(input()[::-1])", stdin="abc", limits=Limits(wall_s=2.0))
+    assert result.status is Status.OK and result.stdout == "cba\\n"
+
+Each run starts `python -I -S -B -X utf8` (no site-packages, no PYTHON* variables) on this
+file as a bootstrap, in a new session, in a private temporary work directory that is deleted
+afterwards, with an environment of PATH, LANG, HOME and TMPDIR only. The bootstrap enters the
+namespaces below, then forks the program (which drops privileges, sets its limits and runs the
+code as __main__) and stays as its supervisor: a child subreaper, so it reaps everything the
+program starts, and it kills all of it when the program exits or when the parent asks (wall
+clock, output cap). `detect_isolation()` probes once which layers the machine allows; a run
+uses exactly those, and a layer that then fails to come up is a SANDBOX_ERROR, never a silent
+downgrade.
+
+- Dedicated uid (parent is root): the program runs as a fresh uid that no process uses, so
+  kernel permissions keep it out of other users' files and processes (/proc/<pid>/environ
+  included), RLIMIT_NPROC counts exactly this run's processes, and cleanup kills every process
+  of that uid, also children that left the session.
+- Network namespace (root, or an unprivileged user namespace): only a down loopback, so no
+  connection to the host or beyond; a private IPC namespace with it.
+- Read-only filesystem (mount namespace, Linux >= 5.12): every mount read-only and nosuid except
+  the work directory. If the sandbox uid cannot read the Python installation (say, under
+  /root), the installation is bind-mounted where it can and sys.path follows.
+- Audit hook (PEP 578), installed before the program, defense in depth: refuses sockets,
+  ctypes, subinterpreters, exec/spawn/system/subprocess, signals, fork unless a dedicated uid
+  bounds it, opening other processes' /proc entries, and writes, deletions, renames and
+  directory opens outside the work directory. Determined code can get around an in-process
+  hook; it is the only network and filesystem barrier where the kernel layers are missing (an
+  unprivileged container without user namespaces).
+
+Every run also gets a wall-clock limit, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, no core files,
+PR_SET_NO_NEW_PRIVS and a byte cap on stdout and on stderr. The program and everything it
+started are killed and reaped on every exit path; with a dedicated uid the parent then checks
+that no process of that uid is left (and kills any, as a backstop).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import ctypes
+import enum
+import functools
+import json
+import linecache
+import os
+import pwd
+import re
+import resource
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+from dataclasses import dataclass
+
+_BOOTSTRAP = os.path.abspath(__file__)
+_SETUP_FAILED = 125
+_CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
+_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+_MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
+_MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 1, 38, 36
+
+
+class Status(enum.Enum):
+    """How a run ended."""
+
+    OK = "ok"  # exit status 0
+    ERROR = "error"  # non-zero exit, uncaught exception or a signal
+    TIMEOUT = "timeout"  # wall-clock or CPU limit
+    MEMORY = "memory"  # MemoryError under the address-space limit
+    OUTPUT_LIMIT = "output_limit"  # stdout or stderr went past max_output_bytes
+    SANDBOX_ERROR = "sandbox_error"  # the sandbox itself could not start the program
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-run limits. memory_bytes is RLIMIT_AS of each process; max_processes (threads
+    included) holds with a dedicated uid, elsewhere fork is refused; the cap is per stream."""
+
+    wall_s: float = 5.0
+    cpu_s: int = 5
+    memory_bytes: int = 512 << 20
+    max_processes: int = 8
+    max_output_bytes: int = 1 << 20
+    max_file_bytes: int = 16 << 20
+
+    def __post_init__(self):
+        least = {"wall_s": 1e-3, "cpu_s": 1, "memory_bytes": 64 << 20, "max_processes": 1,
+                 "max_output_bytes": 1, "max_file_bytes": 1}  # fmt: skip
+        for name, low in least.items():
+            value = getattr(self, name)
+            kind = (int, float) if name == "wall_s" else (int,)
+            if type(value) not in kind:
+                raise ValueError(f"Limits.{name} must be of type {kind}, got {value!r}")
+            if value < low:
+                raise ValueError(f"Limits.{name} must be >= {low}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One run. returncode: negative for a signal, None when nothing could be started."""
+
+    status: Status
+    returncode: int | None
+    stdout: str
+    stderr: str
+    wall_s: float
+    cpu_s: float  # user + system time of the program, its children and the bootstrap
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Which layers a run uses (see the module docstring). `detect_isolation()` gives the
+    strongest set this machine allows; weaker sets are for testing one layer alone."""
+
+    dedicated_uid: bool
+    user_namespace: bool
+    network_namespace: bool
+    read_only_filesystem: bool
+    audit_hook: bool = True
+
+    def describe(self) -> str:
+        """Which mechanism covers each concern, one line each."""
+        hook = " + audit hook" if self.audit_hook else ""
+        uid = " + uid permissions" if self.dedicated_uid else ""
+        net = "network namespace" if self.network_namespace else "host network"
+        files = "read-only mount namespace" if self.read_only_filesystem else "host mounts"
+        procs = "fork refused by the audit hook" if self.audit_hook else "unbounded"
+        procs = "RLIMIT_NPROC + killed by uid" if self.dedicated_uid else procs
+        who = "a dedicated uid" if self.dedicated_uid else f"the parent's uid {os.geteuid()}"
+        return (f"runs as: {who}\nnetwork: {net}{hook}\nfilesystem: {files}{uid}{hook}\n"
+                f"processes: {procs}")  # fmt: skip
+
+
+@functools.cache
+def detect_isolation() -> Isolation:
+    """Probe once (a short child process) which layers this machine allows."""
+    root = os.geteuid() == 0
+    wanted = Isolation(root, not root, True, True)
+    with _Workspace(wanted) as space:
+        config = space.config(wanted, probe=True)
+        done = subprocess.run(space.argv(config), cwd=space.workdir, env=space.env(),
+                              capture_output=True, timeout=60, check=False)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"sandbox probe failed: {done.stderr.decode(errors='replace')}")
+    found = Isolation(**json.loads(done.stdout), audit_hook=True)
+    if found.dedicated_uid and not found.read_only_filesystem and not _readable_by_all():
+        raise RuntimeError(f"the sandbox uid cannot read the Python installation at "
+                           f"{sys.base_prefix} and no mount namespace is available to expose it; "
+                           "install Python in a world-readable place")  # fmt: skip
+    return found
+
+
+def run_python(
+    code: str, stdin: str = "", limits: Limits = Limits(), isolation: Isolation | None = None
+) -> Result:
+    """Run `code` as __main__ with `stdin` under `limits`; never raises for what the code does."""
+    if not isinstance(code, str) or not isinstance(stdin, str):
+        raise TypeError(f"code and stdin must be str, got {type(code)} and {type(stdin)}")
+    isolation = detect_isolation() if isolation is None else isolation
+    started = time.monotonic()
+    try:
+        with _Workspace(isolation) as space:
+            return _execute(space, space.config(isolation, code, limits), stdin, limits, started)
+    except Exception as error:  # the machinery failed (fork, disk), not the program
+        return Result(Status.SANDBOX_ERROR, None, "", f"sandbox: {error!r}",
+                      time.monotonic() - started, 0.0)  # fmt: skip
+
+
+# ---- parent side ------------------------------------------------------------------------------
+
+
+class _UidPool:
+    """Hands each concurrent run a uid that no user and no process has (the parent is root)."""
+
+    def __init__(self):
+        self._lock, self._taken = threading.Lock(), set()
+
+    def claim(self) -> int:
+        start, count = max(((int(f[0]), int(f[2])) for f in _uid_map()), key=lambda r: r[1])
+        low, high = max(start, 1), min(start + count, 2**31 - 1)
+        if high - low > 1 << 25:  # far above login and system uids
+            low = max(low, 1 << 24)
+        with self._lock:
+            for _ in range(1000):
+                uid = low + int.from_bytes(os.urandom(4), "little") % (high - low)
+                if uid not in self._taken and not _exists(uid) and not _live_processes(uid):
+                    self._taken.add(uid)
+                    return uid
+        raise RuntimeError(f"no free uid in [{low}, {high})")
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._taken.discard(uid)
+
+
+_UIDS = _UidPool()
+
+
+def _uid_map() -> list[list[str]]:
+    with open("/proc/self/uid_map") as file:
+        return [line.split() for line in file]
+
+
+def _exists(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def _readable_by_all(path: str = sys.base_prefix) -> bool:
+    """Whether any user can reach and list `path` (every ancestor searchable by others)."""
+    modes = [os.stat(path).st_mode & stat.S_IROTH]
+    while path != os.path.dirname(path):
+        modes.append(os.stat(path).st_mode & stat.S_IXOTH)
+        path = os.path.dirname(path)
+    return all(modes)
+
+
+def _live_processes(uid: int) -> list[int]:
+    """Pids of processes (zombies excepted) whose real, effective or saved uid is `uid`."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        state = uids = ""
+        try:
+            with open(f"/proc/{name}/status", errors="replace") as file:
+                for line in file:
+                    if line.startswith("State:"):
+                        state = line.split()[1]
+                    elif line.startswith("Uid:"):
+                        uids = line.split()[1:4]
+                        break
+        except OSError:
+            continue
+        if state != "Z" and str(uid) in uids:
+            pids.append(int(name))
+    return pids
+
+
+def _kill_all_of(uid: int) -> None:
+    """SIGKILL every process of `uid`: kill(-1) from a forked helper of that uid is atomic with
+    respect to fork, reaches processes that left the session and needs nothing on disk."""
+    if uid <= 0:
+        raise ValueError(f"refusing to kill every process of uid {uid}")
+    if (helper := os.fork()) == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            if os.getresuid() == (uid, uid, uid):  # as anyone else, kill(-1) hits the host
+                os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(helper, 0)
+
+
+def _kill_survivors(uid: int) -> list[int]:
+    """Backstop after a run (the supervisor normally did it): kill what is left of `uid`;
+    returns the pids still alive."""
+    for _ in range(5):
+        if not (alive := _live_processes(uid)):
+            return []
+        _kill_all_of(uid)
+        for _ in range(50):  # SIGKILL is delivered asynchronously
+            if not (alive := _live_processes(uid)):
+                return []
+            time.sleep(0.002)
+    return alive
+
+
+class _Workspace:
+    """Temporary base dir (root's, holds config and the Python mount point) with the work dir
+    inside (the program's); a claimed uid; all removed or released on exit."""
+
+    def __init__(self, isolation: Isolation):
+        self.isolation = isolation
+        self.base = tempfile.mkdtemp(prefix="jaxseek-sandbox-")
+        self.workdir = os.path.join(self.base, "work")
+        self.uid = None
+        self.python_mount = None
+
+    def __enter__(self) -> _Workspace:
+        try:
+            os.chmod(self.base, 0o711)
+            os.mkdir(self.workdir, 0o700)
+            if self.isolation.dedicated_uid:
+                self.uid = _UIDS.claim()
+                os.chown(self.workdir, self.uid, self.uid)
+                if self.isolation.read_only_filesystem and not _readable_by_all():
+                    self.python_mount = [sys.base_prefix, os.path.join(self.base, "python")]
+                    os.mkdir(self.python_mount[1], 0o755)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        survivors = _kill_survivors(self.uid) if self.uid is not None else []
+        if os.geteuid() != 0:  # the program may have left directories it cannot write
+            for path, dirs, _ in os.walk(self.workdir):
+                for name in dirs:
+                    with contextlib.suppress(OSError):
+                        if not os.path.islink(os.path.join(path, name)):
+                            os.chmod(os.path.join(path, name), 0o700)
+        shutil.rmtree(self.base, ignore_errors=True)
+        if self.uid is not None and not survivors:  # a uid with survivors is never reused
+            _UIDS.release(self.uid)
+
+    def env(self) -> dict[str, str]:
+        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+                "HOME": self.workdir, "TMPDIR": self.workdir}  # fmt: skip
+
+    def argv(self, config: dict) -> list[str]:
+        path = os.path.join(self.base, "config.json")
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            json.dump(config, file)
+        return [sys.executable, "-I", "-S", "-B", "-X", "utf8", _BOOTSTRAP, path]
+
+    def config(self, iso: Isolation, code="", limits=None, *, probe=False) -> dict:
+        return dict(probe=probe, source=code, workdir=self.workdir, uid=self.uid, report_fd=-1,
+                    dedicated_uid=iso.dedicated_uid, user_namespace=iso.user_namespace,
+                    network_namespace=iso.network_namespace, audit_hook=iso.audit_hook,
+                    read_only_filesystem=iso.read_only_filesystem,
+                    python_mount=self.python_mount, host_netns=os.stat("/proc/self/ns/net").st_ino,
+                    limits=None if limits is None else vars(limits))  # fmt: skip
+
+
+def _execute(space: _Workspace, config: dict, stdin: str, limits: Limits, started: float):
+    report_r, report_w = os.pipe()
+    config["report_fd"] = report_w
+    try:
+        proc = subprocess.Popen(space.argv(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=space.workdir, env=space.env(),
+                                start_new_session=True, pass_fds=(report_w,))  # fmt: skip
+    except BaseException:
+        os.close(report_r)
+        raise
+    finally:
+        os.close(report_w)
+    streams = _Streams(proc, report_r, limits.max_output_bytes)
+    try:
+        why = streams.pump(stdin.encode(), started + limits.wall_s)
+    finally:
+        _stop(proc)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            streams.close()
+    cpu = usage.ru_utime + usage.ru_stime
+    out, err = (bytes(b).decode(errors="replace") for b in streams.output)
+    report = streams.report.decode(errors="replace").split()
+    exited = report[1:2] == ["exit"]
+    code = os.waitstatus_to_exitcode(int(report[2])) if exited else proc.returncode
+    if report[:1] != ["ready"]:
+        status = Status.SANDBOX_ERROR
+    elif why is not None:
+        status = why
+    elif code == 0:
+        status = Status.OK
+    elif code == -signal.SIGXCPU or (code == -signal.SIGKILL and cpu >= limits.cpu_s):
+        status = Status.TIMEOUT
+    elif err.rstrip().rpartition("\n")[2].startswith("MemoryError"):
+        status = Status.MEMORY
+    else:
+        status = Status.ERROR
+    return Result(status, code, out, err, time.monotonic() - started, cpu)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
+    """Ask the supervisor to kill the program and reap it all (SIGTERM); SIGKILL the
+    supervisor's group if it has not exited after `grace_s`. The supervisor is unreaped until
+    the caller's wait4, so its pid cannot have been reused."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    give_up = time.monotonic() + grace_s
+    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > give_up:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        time.sleep(0.002)
+
+
+class _Streams:
+    """Feeds stdin and reads stdout, stderr and the report pipe without blocking."""
+
+    def __init__(self, proc: subprocess.Popen, report_fd: int, cap: int):
+        self.proc, self.report_fd, self.cap = proc, report_fd, cap
+        self.output = (bytearray(), bytearray())
+        self.report = b""  # "ready" from the program, then "exit <wait status>" from the supervisor
+
+    def pump(self, data: bytes, deadline: float) -> Status | None:
+        """Until the supervisor has exited and the pipes closed: None, or why it was cut short."""
+        proc, selector = self.proc, selectors.DefaultSelector()
+        outs = {proc.stdout.fileno(): self.output[0], proc.stderr.fileno(): self.output[1]}
+        for fd in (*outs, self.report_fd):
+            selector.register(fd, selectors.EVENT_READ)
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+            selector.register(pidfd, selectors.EVENT_READ)
+        except (AttributeError, OSError):  # Linux < 5.3: poll with waitid(WNOWAIT)
+            pidfd = None
+        stdin_fd, sent = proc.stdin.fileno(), 0
+        os.set_blocking(stdin_fd, False)
+        if data:
+            selector.register(stdin_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        exited = False
+        try:
+            while not exited or any(fd in selector.get_map() for fd in outs):
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    return Status.TIMEOUT
+                events = selector.select(timeout if pidfd is not None else min(timeout, 0.01))
+                for key, _ in events:
+                    if key.fd == pidfd:
+                        selector.unregister(pidfd)
+                        exited = True
+                    elif key.fd == stdin_fd:
+                        try:
+                            sent += os.write(stdin_fd, data[sent : sent + 65536])
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:  # the program closed stdin or exited
+                            sent = len(data)
+                        if sent >= len(data):
+                            selector.unregister(stdin_fd)
+                            proc.stdin.close()
+                    elif not self._read(key.fd, outs, selector):
+                        return Status.OUTPUT_LIMIT
+                if pidfd is None and not exited:
+                    flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+                    exited = os.waitid(os.P_PID, proc.pid, flags) is not None
+            return None
+        finally:
+            selector.close()
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def _read(self, fd: int, outs: dict, selector) -> bool:
+        """Read what is there; False once an output stream passed the cap."""
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            selector.unregister(fd)
+        elif fd == self.report_fd:
+            self.report += chunk
+        else:
+            outs[fd] += chunk
+            if len(outs[fd]) > self.cap:
+                del outs[fd][self.cap :]
+                return False
+        return True
+
+    def close(self) -> None:
+        """Keep what the (now dead) processes left in the pipes, then close them."""
+        pipes = ((self.proc.stdout.fileno(), 0), (self.proc.stderr.fileno(), 1))
+        for fd, index in (*pipes, (self.report_fd, None)):
+            os.set_blocking(fd, False)
+            with_room = index is None or len(self.output[index]) < self.cap
+            try:
+                while with_room and (chunk := os.read(fd, 65536)):
+                    if index is None:
+                        self.report += chunk
+                    else:
+                        self.output[index] += chunk[: self.cap - len(self.output[index])]
+                        with_room = len(self.output[index]) < self.cap
+            except OSError:
+                pass
+        for file in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            file.close()
+        os.close(self.report_fd)
+
+
+# ---- child side (this file run as a script, first as the parent's uid) ------------------------
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("set", "clr", "propagation", "userns")]
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint32) for name in ("effective", "permitted", "inheritable")]
+
+
+class _Libc:
+    """The Linux calls Python 3.11's os module lacks; each raises OSError on failure."""
+
+    def __init__(self):
+        self._libc = ctypes.CDLL(None, use_errno=True)
+
+    def _call(self, name: str, *args) -> None:
+        if getattr(self._libc, name)(*args) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"{name}: {os.strerror(errno)}")
+
+    def unshare(self, flags: int) -> None:
+        self._call("unshare", ctypes.c_int(flags))
+
+    def mount(self, source: str | None, target: str, flags: int) -> None:
+        src = None if source is None else os.fsencode(source)
+        self._call("mount", src, os.fsencode(target), None, ctypes.c_ulong(flags), None)
+
+    def mount_setattr(self, path: str, recursive: bool, set_: int = 0, clear: int = 0) -> None:
+        attr, long = _MountAttr(set_, clear, 0, 0), ctypes.c_long
+        self._call("syscall", long(_SYS_MOUNT_SETATTR), long(_AT_FDCWD), os.fsencode(path),
+                   long(_AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
+                   long(ctypes.sizeof(attr)))  # fmt: skip
+
+    def prctl(self, option: int, value: int) -> None:
+        zero = ctypes.c_ulong(0)
+        self._call("prctl", ctypes.c_int(option), ctypes.c_ulong(value), zero, zero, zero)
+
+    def drop_capabilities(self) -> None:
+        header, data = _CapHeader(0x20080522, 0), (_CapData * 2)()
+        self._call("capset", ctypes.byref(header), data)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def _user_namespace(cfg: dict, libc: _Libc) -> None:
+    uid, gid = os.getuid(), os.getgid()
+    libc.unshare(_CLONE_NEWUSER)
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+
+
+def _network_namespace(cfg: dict, libc: _Libc) -> None:
+    libc.unshare(_CLONE_NEWNET | _CLONE_NEWIPC)
+    if os.stat("/proc/self/ns/net").st_ino == cfg["host_netns"]:
+        raise OSError("still in the host's network namespace")
+
+
+def _read_only_filesystem(cfg: dict, libc: _Libc) -> None:
+    workdir = cfg["workdir"]
+    libc.unshare(_CLONE_NEWNS)
+    libc.mount(None, "/", _MS_REC | _MS_PRIVATE)
+    libc.mount(workdir, workdir, _MS_BIND)
+    if cfg["python_mount"]:
+        libc.mount(*cfg["python_mount"], _MS_BIND | _MS_REC)
+    libc.mount_setattr("/", True, set_=_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID)
+    libc.mount_setattr(workdir, False, clear=_MOUNT_ATTR_RDONLY)
+    os.chdir(workdir)  # the old cwd is the directory under the bind mount, read-only now
+    if not os.statvfs("/").f_flag & os.ST_RDONLY or os.statvfs(".").f_flag & os.ST_RDONLY:
+        raise OSError("the read-only remount did not take")
+    if cfg["python_mount"]:
+        _follow_python(*cfg["python_mount"])
+
+
+def _dedicated_uid(cfg: dict, libc: _Libc) -> None:
+    uid = cfg["uid"]
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+
+
+def _enter(cfg: dict, libc: _Libc, *layers) -> dict[str, bool]:
+    """Enter each requested layer; when probing, record which fail instead of raising."""
+    done = {}
+    for layer in layers:
+        name = layer.__name__.lstrip("_")
+        done[name] = False
+        if cfg[name]:
+            try:
+                layer(cfg, libc)
+                done[name] = True
+            except OSError:
+                if not cfg["probe"]:
+                    raise
+    return done
+
+
+def _follow_python(old: str, new: str) -> None:
+    """Point the import system at the bind-mounted copy of the Python installation."""
+    move = lambda p: new + p[len(old) :] if p == old or p.startswith(old + os.sep) else p
+    sys.path[:] = [move(p) for p in sys.path]
+    for module in list(sys.modules.values()):
+        if isinstance(getattr(module, "__path__", None), list):
+            module.__path__[:] = [move(p) for p in module.__path__]
+    sys.path_importer_cache.clear()
+
+
+def _apply_limits(limits: dict, processes: bool) -> None:
+    def lower(kind: int, soft: int, hard: int) -> None:
+        current = resource.getrlimit(kind)[1]
+        hard = hard if current == resource.RLIM_INFINITY else min(hard, current)
+        resource.setrlimit(kind, (min(soft, hard), hard))
+
+    lower(resource.RLIMIT_CPU, limits["cpu_s"], limits["cpu_s"] + 1)
+    lower(resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"])
+    lower(resource.RLIMIT_FSIZE, limits["max_file_bytes"], limits["max_file_bytes"])
+    lower(resource.RLIMIT_CORE, 0, 0)
+    if processes:
+        lower(resource.RLIMIT_NPROC, limits["max_processes"], limits["max_processes"])
+
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+_REFUSED = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.forkpty", "pty.spawn",
+            "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "gc.get_objects",
+            "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New"}  # fmt: skip
+_REFUSED_IMPORTS = {"_ctypes", "_posixsubprocess", "_xxsubinterpreters"}
+# event -> (argument positions holding paths to keep inside, positions holding a dir_fd)
+_PATH_EVENTS = {"os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.link": ((0, 1), (2, 3)),
+                "os.mkdir": ((0,), (2,)), "os.remove": ((0,), (1,)), "os.rename": ((0, 1), (2, 3)),
+                "os.rmdir": ((0,), (1,)), "os.symlink": ((1,), (2,)), "os.truncate": ((0,), ()),
+                "os.utime": ((0,), (3,)), "os.setxattr": ((0,), ()), "os.removexattr": ((0,), ()),
+                "os.chflags": ((0,), ()), "os.lchflags": ((0,), ()),
+                "shutil.rmtree": ((0,), (1,))}  # fmt: skip
+
+
+def _audit_hook(workdir: str, allow_fork: bool):
+    """The PEP 578 hook: raises PermissionError for what the program may not do."""
+    root = os.path.realpath(workdir)
+    other_process = re.compile(r"/proc/(\d+)(/|$)")
+
+    def refuse(event: str, detail: object = "") -> None:
+        raise PermissionError(f"sandbox refused {event} {detail}".rstrip())
+
+    def outside(path: object) -> str | None:
+        real = os.path.realpath(os.fsdecode(path))
+        return None if real == root or real.startswith(root + os.sep) else real
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            if isinstance(path, int) or (real := outside(path)) is None:
+                return
+            writes = isinstance(flags, int) and flags & _WRITE_FLAGS
+            if writes or (isinstance(mode, str) and set(mode) & set("wax+")):
+                refuse(event, f"for writing outside the work directory: {real}")
+            if os.path.isdir(real):
+                refuse(event, f"of a directory outside the work directory: {real}")
+            if (match := other_process.match(real)) and int(match[1]) != os.getpid():
+                refuse(event, f"of another process's /proc entry: {real}")
+        elif event in _PATH_EVENTS:
+            paths, dir_fds = _PATH_EVENTS[event]
+            for i in paths:
+                if i >= len(args) or (isinstance(args[i], int) and event == "os.truncate"):
+                    continue  # ftruncate needs a descriptor opened for writing: checked then
+                if isinstance(args[i], int) or outside(args[i]) is not None:
+                    refuse(event, f"outside the work directory: {args[i]!r}")
+            if any(i < len(args) and args[i] not in (None, -1, _AT_FDCWD) for i in dir_fds):
+                refuse(event, "with dir_fd")
+        elif (event in _REFUSED or event.startswith(("socket.", "ctypes."))
+              or (event == "os.fork" and not allow_fork)
+              or (event == "import" and args[0] in _REFUSED_IMPORTS)):  # fmt: skip
+            refuse(event, args[0] if event == "import" else "")
+
+    return hook
+
+
+def _child_main(config_path: str) -> None:
+    """Bootstrap, as the parent's uid: enter the namespaces, then fork the program and stay
+    as its supervisor."""
+    with open(config_path, encoding="utf-8") as file:
+        cfg = json.load(file)
+    libc = _Libc()
+    try:
+        done = _enter(cfg, libc, _user_namespace, _network_namespace, _read_only_filesystem)
+        if cfg["probe"]:
+            print(json.dumps(done | _enter(cfg, libc, _dedicated_uid)))
+            return
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1)  # orphans of the program come here to be reaped
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    except Exception as error:
+        _setup_failed(error)
+    supervisor = os.getpid()
+    if (program := os.fork()) != 0:
+        _supervise(program, cfg["uid"] if cfg["dedicated_uid"] else None, cfg["report_fd"])
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _enter(cfg, libc, _dedicated_uid)
+        if cfg["user_namespace"] and not cfg["dedicated_uid"]:
+            libc.drop_capabilities()
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # after the uid change, which clears it
+        if os.getppid() != supervisor:
+            os._exit(_SETUP_FAILED)
+        libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        _apply_limits(cfg["limits"], processes=cfg["dedicated_uid"])
+        if cfg["audit_hook"]:
+            sys.addaudithook(_audit_hook(cfg["workdir"], allow_fork=cfg["dedicated_uid"]))
+    except Exception as error:
+        _setup_failed(error)
+    for name in ("subprocess", "_posixsubprocess", "ctypes", "_ctypes", "ctypes._endian"):
+        sys.modules.pop(name, None)  # so that a new import meets the hook
+        globals().pop(name, None)
+    os.write(cfg["report_fd"], b"ready")
+    os.close(cfg["report_fd"])
+    _run_program(cfg["source"])
+
+
+def _setup_failed(error: Exception):
+    sys.stderr.write(f"sandbox setup failed: {error!r}\n")
+    sys.stderr.flush()
+    os._exit(_SETUP_FAILED)
+
+
+def _supervise(program: int, uid: int | None, report_fd: int):
+    """Reap the program and all it leaves behind (this process is their subreaper, so they
+    become its children); on SIGTERM, or once the program has exited, kill all of it (by uid,
+    and every child of this process: unreaped, so their pids cannot have been reused); report
+    the program's wait status; exit when nothing is left."""
+    stopping, running = False, True
+
+    def stop(*_) -> None:
+        nonlocal stopping
+        with contextlib.suppress(OSError):
+            if not stopping and uid is not None:
+                _kill_all_of(uid)
+        stopping = True
+        for pid in _children() | ({program} if running else set()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            os._exit(0)
+        if pid == program:
+            running = False
+            with contextlib.suppress(OSError):
+                os.write(report_fd, f" exit {status}".encode())
+        if pid == program or stopping:
+            stop()
+
+
+def _children() -> set[int]:
+    """This (single-threaded) process's children; empty where the kernel does not list them."""
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as file:
+            return set(map(int, file.read().split()))
+    except OSError:
+        return set()
+
+
+def _run_program(source: str) -> None:
+    main = types.ModuleType("__main__")
+    main.__file__ = "main.py"
+    sys.modules["__main__"], sys.argv = main, ["main.py"]
+    builtins.exit = builtins.quit = sys.exit  # site is not imported under -S
+    linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
+    try:
+        exec(compile(source, "main.py", "exec"), main.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as error:
+        traceback.print_exception(error.with_traceback(error.__traceback__.tb_next))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1])
