@@ -55,13 +55,17 @@ class GRPOLossConfig:
 def group_advantages(rewards_N: jax.Array, group_size: int, eps: float = 1e-4) -> jax.Array:
     """(r - group mean) / (group std + eps) for N = groups x group_size rewards, each group's
     samples adjacent. The std is the unbiased one (as TRL and verl compute it); a group whose
-    rewards are all equal gets advantage 0."""
+    rewards are all equal gets advantage 0. NaN rewards (samples no reward function scored)
+    are left out of their group's mean and std and get advantage 0."""
     N = rewards_N.shape[0]
     if group_size < 2 or N % group_size:
         raise ValueError(f"{N} rewards do not split into groups of {group_size} (>= 2)")
     r_GxS = rewards_N.astype(jnp.float32).reshape(-1, group_size)
-    centered = r_GxS - r_GxS.mean(axis=1, keepdims=True)
-    std = jnp.std(r_GxS, axis=1, keepdims=True, ddof=1)
+    valid = jnp.isfinite(r_GxS)
+    count = valid.sum(axis=1, keepdims=True)
+    mean = jnp.where(valid, r_GxS, 0.0).sum(axis=1, keepdims=True) / jnp.maximum(count, 1)
+    centered = jnp.where(valid, r_GxS - mean, 0.0)
+    std = jnp.sqrt((centered**2).sum(axis=1, keepdims=True) / jnp.maximum(count - 1, 1))
     return (centered / (std + eps)).reshape(N)
 
 

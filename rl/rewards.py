@@ -56,6 +56,18 @@ def integer_accuracy(
     return out
 
 
+def last_integer_accuracy(
+    prompts: Sequence[str], completions: Sequence[str], *, answer: Sequence[int], **_
+) -> list[float]:
+    """1 when the last integer anywhere in the completion is the gold, format ignored: how
+    often the model reaches the right number at all (a diagnostic, not an R1 reward)."""
+    out = []
+    for completion, gold in zip(completions, answer, strict=True):
+        found = re.findall(r"[+-]?\d[\d,]*", completion)
+        out.append(float(bool(found) and _integer(found[-1]) == int(gold)))
+    return out
+
+
 def _latex(text: str) -> str:
     """math-verify finds answers inside $...$ or \\boxed{}; bare answers get wrapped."""
     text = text.strip()

@@ -7,6 +7,8 @@ A task sample is a dict: `prompt` (the templated text) plus the columns its rewa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from train import arithmetic
@@ -25,10 +27,68 @@ def r1_zero_prompt(question: str) -> str:
     return TEMPLATE.format(question=question)
 
 
-def arithmetic_tasks(split: Split, count: int, seed: int, *, max_digits: int = 3) -> list[dict]:
+def arithmetic_tasks(
+    split: Split,
+    count: int,
+    seed: int,
+    *,
+    max_digits: int = 3,
+    operations: tuple[arithmetic.Operation, ...] = tuple(arithmetic.Operation),
+) -> list[dict]:
     """Multi-digit +, -, x problems (train/arithmetic.py) as RL samples."""
-    problems = arithmetic.generate(split, count, seed, max_digits=max_digits)
-    return [{"prompt": r1_zero_prompt(p.question), "answer": p.answer} for p in problems]
+    problems = arithmetic.generate(split, count, seed, max_digits=max_digits, operations=operations)
+    return [{"prompt": arithmetic_prompt(p), "answer": p.answer} for p in problems]
+
+
+def arithmetic_prompt(problem: arithmetic.ArithmeticProblem) -> str:
+    return r1_zero_prompt(f"{problem.question} = ?")
+
+
+# How the base corpus's assistant answers a templated problem (see `base_corpus`).
+REASONED = "reasoned"  # <think> worked solution </think> <answer> N </answer>: the R1-Zero format
+ANSWER_ONLY = "answer_only"  # <answer> N </answer> with no reasoning: fails the strict format
+PLAIN = "plain"  # "The answer is N." with no tags
+STYLES = (REASONED, ANSWER_ONLY, PLAIN)
+
+
+def respond(problem: arithmetic.ArithmeticProblem, style: str) -> str:
+    """The assistant's side of a templated problem, in one of STYLES."""
+    if style == REASONED:
+        return f" <think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
+    if style == ANSWER_ONLY:
+        return f" <answer>{problem.answer}</answer>"
+    if style == PLAIN:
+        return f" The answer is {problem.answer}."
+    raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+
+
+def base_corpus(
+    count: int,
+    seed: int,
+    mix: Mapping[str, float],
+    *,
+    max_digits: int = 3,
+    operations: tuple[arithmetic.Operation, ...] = tuple(arithmetic.Operation),
+) -> list[str]:
+    """Pre-training documents for an R1-Zero base: TRAIN-split arithmetic problems in the
+    template, each answered in a style drawn from `mix` (style -> probability).
+
+    A base model has seen some reasoning in the wild but does not reliably use it; the mix
+    sets how often (V3-Base saw such data in pre-training). Only TRAIN problems are used, so
+    the held-out RL tasks are never in the corpus."""
+    if set(mix) - set(STYLES) or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise ValueError(f"mix must map some of {STYLES} to weights >= 0, got {dict(mix)!r}")
+    styles = list(mix)
+    p = np.array([mix[s] for s in styles], np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(styles), size=count, p=p / p.sum())
+    problems = arithmetic.generate(
+        Split.TRAIN, count, seed, max_digits=max_digits, operations=operations
+    )
+    return [
+        arithmetic_prompt(problem) + respond(problem, styles[k])
+        for problem, k in zip(problems, picks, strict=True)
+    ]
 
 
 def _countdown_question(numbers: list[int], target: int) -> str:

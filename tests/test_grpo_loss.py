@@ -96,6 +96,16 @@ def test_group_advantages():
         group_advantages(rewards, 3)
 
 
+def test_group_advantages_skip_unscored_samples():
+    rewards = jnp.asarray([1.0, jnp.nan, 0.0, 0.5, jnp.nan, 3.0, jnp.nan, jnp.nan])
+    adv = np.asarray(group_advantages(rewards, 4))
+    valid = np.array([1.0, 0.0, 0.5])
+    expected = (valid - valid.mean()) / (np.std(valid, ddof=1) + 1e-4)
+    np.testing.assert_allclose(adv[[0, 2, 3]], expected, rtol=1e-6)
+    assert adv[1] == 0.0
+    np.testing.assert_array_equal(adv[4:], 0.0)  # one scored sample: no std, no signal
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="eps_high"):
         GRPOLossConfig(eps_high=0.0)

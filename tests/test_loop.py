@@ -144,6 +144,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
         if path.is_file():
             path.write_bytes(b"garbage")
     like = init_state(CFG, make_optimizer(OPT), jax.random.key(0))
-    state, meta = ckpt.restore_latest(like, None)
+    state, meta, _ = ckpt.restore_latest(like, None)
     assert int(state.step) == 3 and meta == {"test": True}
     assert "unreadable" in caplog.text

@@ -10,6 +10,7 @@ from rl.rewards import (
     format_reward,
     integer_accuracy,
     language_consistency,
+    last_integer_accuracy,
     math_accuracy,
     parse,
 )
@@ -50,6 +51,17 @@ def test_integer_accuracy():
         0.0,
         1.0,
         0.0,
+    ]
+
+
+def test_last_integer_accuracy_ignores_format():
+    completions = ["The answer is 42.", "<answer>41</answer> no, 42", "42 then 43", "none", "-7"]
+    assert last_integer_accuracy([""] * 5, completions, answer=[42, 42, 42, 42, -7]) == [
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        1.0,
     ]
 
 

@@ -150,7 +150,7 @@ def test_checkpoint_restores_onto_other_meshes(tmp_path):
     want = jax.device_get(state.params)
     for target in (make_parallel(ParallelConfig(fsdp=8)), _single_device()):
         like, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), target)
-        restored, _ = checkpointer.restore_latest(like, None)
+        restored, _, _ = checkpointer.restore_latest(like, None)
         leaf = restored.params["moe_layers"]["moe"]["experts"]["wi_gate"]
         assert leaf.sharding.mesh.shape == target.mesh.shape
         for a, b in zip(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grain
 import jax
@@ -53,6 +53,15 @@ def _abstract_on_device(x) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
 
+class Restored(NamedTuple):
+    """What `restore_latest` read back: the state, the meta JSON and the extra tree (None
+    when none was asked for)."""
+
+    state: TrainState
+    meta: dict
+    extra: Any
+
+
 class Checkpointer:
     """Saves every `every` steps, keeps the last `keep`, restores the newest readable one."""
 
@@ -69,8 +78,17 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def save(self, state: TrainState, data_iterator: Any | None, meta: dict, *, force=False):
-        """Save at state.step (asynchronously; call `wait` before reading it back)."""
+    def save(
+        self,
+        state: TrainState,
+        data_iterator: Any | None,
+        meta: dict,
+        *,
+        force=False,
+        extra: Any | None = None,
+    ):
+        """Save at state.step (asynchronously; call `wait` before reading it back). `extra`:
+        another pytree of arrays saved beside the state (e.g. RL's reference policy)."""
         step = int(state.step)
         if step in self.manager.all_steps():
             return
@@ -78,6 +96,8 @@ class Checkpointer:
             "state": ocp.args.StandardSave(_to_saveable(state)),
             "meta": ocp.args.JsonSave(meta),
         }
+        if extra is not None:
+            items["extra"] = ocp.args.StandardSave(extra)
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -89,21 +109,27 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def restore_latest(
-        self, like: TrainState, data_iterator: Any | None
-    ) -> tuple[TrainState, dict] | None:
-        """(state, meta) from the newest checkpoint that reads back; None when there is none.
+        self, like: TrainState, data_iterator: Any | None, *, extra_like: Any | None = None
+    ) -> Restored | None:
+        """(state, meta, extra) from the newest checkpoint that reads back; None when there
+        is none.
 
-        `like` gives the structure, dtypes and shardings; `data_iterator` is restored in place.
+        `like` (and `extra_like`, for a checkpoint saved with `extra`) give the structure,
+        dtypes and shardings; `data_iterator` is restored in place.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(like))
         items = {"state": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if extra_like is not None:
+            extra_abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, extra_like)
+            items["extra"] = ocp.args.StandardRestore(extra_abstract)
         found = self._restore_newest(items)
         if found is None:
             return None
         restored, _ = found
-        return _from_saveable(restored["state"], like), restored["meta"]
+        state = _from_saveable(restored["state"], like)
+        return Restored(state, restored["meta"], restored.get("extra"))
 
     def restore_weights(self, like: dict) -> tuple[dict, int] | None:
         """({'params', 'router_bias'}, step) of the newest readable checkpoint, without the

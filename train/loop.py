@@ -78,7 +78,7 @@ class RunResult:
     mfu: float | None
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
 
     def __init__(self):
@@ -188,7 +188,7 @@ def train(
         make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings.variables, batch_sharding)
     )
     throughput = Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops)
-    start_step, stop = int(state.step), _StopFlag()
+    start_step, stop = int(state.step), StopFlag()
     last_train: dict[str, Any] = {}
     last_eval: dict[str, float] = {}
     timed_tokens, timed_seconds = 0.0, 0.0

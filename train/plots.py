@@ -163,16 +163,68 @@ def plot_maxvio(records: Records, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _lines(records: Records, keys: Sequence[str], path: Path, ylabel: str, title: str):
+    """One line per key that the run logged (markers when few points); None if none did."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    plotted = 0
+    for key in keys:
+        steps, values = metric_series(records, key)
+        if steps.size:
+            ax.plot(
+                steps, values, marker="o" if steps.size <= 30 else None, ms=3, lw=1.2, label=key
+            )
+            plotted += 1
+    if not plotted:
+        _skip(path, " / ".join(keys))
+        return None
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _keys_with(records: Records, prefix: str, exclude: Sequence[str] = ()) -> list[str]:
+    keys = {k for r in records for k in r if k.startswith(prefix) and k not in exclude}
+    return sorted(keys)
+
+
+def plot_rewards(records: Records, path: Path) -> Path | None:
+    """RL: mean rollout reward and each reward function's mean over steps."""
+    keys = ["reward_mean", *_keys_with(records, "reward/")]
+    return _lines(records, keys, path, "mean over the step's samples", "Rollout rewards")
+
+
+def plot_eval_scores(records: Records, path: Path) -> Path | None:
+    """RL: held-out scores of greedy completions (accuracy, format, ...) over steps."""
+    keys = _keys_with(records, "eval/", exclude=("eval/completion_len", *_EVAL_LOSSES))
+    return _lines(records, keys, path, "held-out mean (greedy)", "Held-out scores")
+
+
+_EVAL_LOSSES = ("eval/ce", "eval/mtp_loss", "eval/loss")
+
+
+def plot_completion_length(records: Records, path: Path) -> Path | None:
+    """RL: completion length in tokens (rollout mean and max, held-out greedy mean)."""
+    keys = ["completion_len_mean", "completion_len_max", "eval/completion_len"]
+    return _lines(records, keys, path, "tokens", "Completion length")
+
+
 _PLOTS: dict[str, Callable[[Records, Path], Path | None]] = {
     "loss.png": plot_loss,
     "learning_rate.png": plot_learning_rate,
     "expert_load.png": plot_expert_load,
     "maxvio.png": plot_maxvio,
+    "rewards.png": plot_rewards,
+    "eval_scores.png": plot_eval_scores,
+    "completion_length.png": plot_completion_length,
 }
 
 
 def make_plots(run_dir: str | os.PathLike) -> list[Path]:
-    """Write loss, learning_rate, expert_load, maxvio PNGs to run_dir/plots; returns the paths."""
+    """Write the PNGs of _PLOTS whose metrics the run logged (loss, learning_rate,
+    expert_load, maxvio; RL: rewards, eval_scores, completion_length) to run_dir/plots;
+    returns the paths."""
     records = read_metrics(run_dir)
     out_dir = Path(run_dir) / PLOTS_DIR
     made = [plot(records, out_dir / name) for name, plot in _PLOTS.items()]

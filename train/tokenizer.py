@@ -223,8 +223,12 @@ def train_bpe(
     *,
     min_frequency: int = 2,
     show_progress: bool = False,
+    split_digits: bool = False,
 ) -> Tokenizer:
-    """Train a byte-level BPE on `texts`; special tokens take ids 0.. in `Special` order."""
+    """Train a byte-level BPE on `texts`; special tokens take ids 0.. in `Special` order.
+
+    `split_digits` keeps every digit its own token (no merges across digits), which small
+    models need to learn column arithmetic."""
     num_fixed = len(Special) + len(pre_tokenizers.ByteLevel.alphabet())
     if not isinstance(vocab_size, int) or vocab_size < num_fixed:
         raise ValueError(
@@ -234,7 +238,12 @@ def train_bpe(
         raise ValueError(f"min_frequency must be an int >= 1, got {min_frequency!r}")
     backend = tokenizers.Tokenizer(models.BPE())
     # GPT-2 style: no prefix space, so decode(encode(text)) == text for every string.
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
