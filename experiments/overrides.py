@@ -17,6 +17,9 @@ def _convert(raw: str, hint: Any, key: str) -> Any:
         if raw.lower() == "none" and type(None) in args:
             return None
         hint = next(a for a in args if a is not type(None))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        # A homogeneous tuple from a comma-separated list: seeds=0,1,2.
+        return tuple(_convert(part.strip(), args[0], key) for part in raw.split(",") if part)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         valid = [m.value for m in hint]
         for member in hint:

@@ -52,7 +52,8 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 from rl.sandbox_child import _kill_all_of
 
@@ -143,9 +144,16 @@ def detect_isolation() -> Isolation:
         raise RuntimeError(f"sandbox probe failed: {done.stderr.decode(errors='replace')}")
     found = Isolation(**json.loads(done.stdout), audit_hook=True)
     if found.dedicated_uid and not found.read_only_filesystem and not _readable_by_all():
-        raise RuntimeError(f"the sandbox uid cannot read the Python installation at "
-                           f"{sys.base_prefix} and no mount namespace is available to expose it; "
-                           "install Python in a world-readable place")  # fmt: skip
+        # The uid could not even start Python; the hook and the limits still hold.
+        warnings.warn(
+            f"sandbox: a dedicated uid cannot read the Python installation at "
+            f"{sys.base_prefix} and no mount namespace is available to expose it, so programs "
+            "run as the current user (audit hook and limits only); install Python in a "
+            "world-readable place to get the uid layer",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        found = replace(found, dedicated_uid=False)
     return found
 
 

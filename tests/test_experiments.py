@@ -21,6 +21,16 @@ def test_overrides_convert_types_and_nest():
     assert cfg.moe.top_k == 3 and cfg.mla.q_lora_rank is None
 
 
+def test_overrides_parse_tuples():
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        seeds: tuple[int, ...] = (0,)
+
+    assert overrides.apply(C(), ["seeds=3,4,5"]).seeds == (3, 4, 5)
+    with pytest.raises(ValueError, match="expected int"):
+        overrides.apply(C(), ["seeds=1,x"])
+
+
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
