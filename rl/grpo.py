@@ -54,7 +54,8 @@ def _positive_int(obj, name: str) -> None:
         raise ValueError(f"{type(obj).__name__}.{name} must be an int > 0, got {value!r}")
 
 
-def _constant_lr(lr: float) -> OptimizerConfig:
+def constant_lr(lr: float) -> OptimizerConfig:
+    """AdamW at a constant learning rate, no weight decay."""
     return OptimizerConfig(
         schedule=LRSchedule(peak_lr=lr, warmup_steps=0, min_lr=lr, final_lr=lr), weight_decay=0.0
     )
@@ -62,12 +63,12 @@ def _constant_lr(lr: float) -> OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
-    """One GRPO run. R1-Zero (PAPER_FACTS.md): G = 16, lr 3e-6, beta 0.001, the reference
-    refreshed every 400 steps, completions up to 32K tokens; the defaults here are sized for
-    small models on one machine."""
+    """One GRPO run. R1-Zero (PAPER_FACTS.md): G 16, 32 prompts per step, lr 3e-6, beta
+    0.001, temperature 1, the reference refreshed every 400 steps; the defaults here are sized
+    for small models on one machine."""
 
     loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: _constant_lr(1e-5))
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=lambda: constant_lr(1e-5))
     steps: int = 100  # rollout batches
     prompts_per_step: int = 16
     group_size: int = 8  # G
@@ -242,6 +243,8 @@ def train_grpo(
                     log.warning("signal %d: saving step %d and stopping", stop.signal, step)
                     interrupted = True
                     break
+            if start >= config.steps:  # resumed a finished run: report its scores again
+                last_eval = run_eval(start, writer)
             save(force=True)
         finally:
             bar.close()

@@ -48,7 +48,8 @@ def arithmetic_prompt(problem: arithmetic.ArithmeticProblem) -> str:
 REASONED = "reasoned"  # <think> worked solution </think> <answer> N </answer>: the R1-Zero format
 ANSWER_ONLY = "answer_only"  # <answer> N </answer> with no reasoning: fails the strict format
 PLAIN = "plain"  # "The answer is N." with no tags
-STYLES = (REASONED, ANSWER_ONLY, PLAIN)
+DOCUMENT = "document"  # no template: train/arithmetic.py's worked-solution document
+STYLES = (REASONED, ANSWER_ONLY, PLAIN, DOCUMENT)
 
 
 def respond(problem: arithmetic.ArithmeticProblem, style: str) -> str:
@@ -70,8 +71,9 @@ def base_corpus(
     max_digits: int = 3,
     operations: tuple[arithmetic.Operation, ...] = tuple(arithmetic.Operation),
 ) -> list[str]:
-    """Pre-training documents for an R1-Zero base: TRAIN-split arithmetic problems in the
-    template, each answered in a style drawn from `mix` (style -> probability).
+    """Pre-training documents for an R1-Zero base: TRAIN-split arithmetic problems, each
+    rendered in a style drawn from `mix` (style -> probability): in the template with one of
+    three answers, or as a plain worked-solution document (denser: no template tokens).
 
     A base model has seen some reasoning in the wild but does not reliably use it; the mix
     sets how often (V3-Base saw such data in pre-training). Only TRAIN problems are used, so
@@ -86,7 +88,9 @@ def base_corpus(
         Split.TRAIN, count, seed, max_digits=max_digits, operations=operations
     )
     return [
-        arithmetic_prompt(problem) + respond(problem, styles[k])
+        arithmetic.to_document(problem)
+        if styles[k] == DOCUMENT
+        else arithmetic_prompt(problem) + respond(problem, styles[k])
         for problem, k in zip(problems, picks, strict=True)
     ]
 
