@@ -1,0 +1,279 @@
+"""Grouped GEMM over expert-sorted rows (the MoE expert matmul) as Pallas kernels.
+
+    out[m] = rows[m] @ weights[e(m)],   e(m) = the expert whose contiguous group holds row m
+
+`rows_MxK` holds each expert's rows contiguously in expert order, `group_sizes_E` says how
+many (as `jax.lax.ragged_dot`, which is `grouped_gemm_reference`); rows past
+sum(group_sizes) give zeros. Empty experts are allowed.
+
+Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, interpret mode):
+- Tiles of one expert each: the wrapper scatters the rows into a buffer where each group is
+  padded to a multiple of block_m (as model/grouped_matmul.py's tiled layout), and builds a
+  tile -> expert map with jnp outside the kernel. The buffer has a static bound of
+  cdiv(M, block_m) + min(E, M) tiles; tiles past the used ones write zeros without a dot.
+  Megablox (jax.experimental.pallas.ops.tpu.megablox) instead visits tiles shared by two
+  groups twice with row masks and accumulates across consecutive grid steps; that relies on
+  the TPU's sequential grid, which Triton's parallel programs do not have. Padding costs one
+  row scatter in and one gather out (M x K and M x N elements) plus < block_m rows per expert.
+- The expert is picked inside the kernel (w_ref[e] with e read from the tile map), with the
+  weights' E and K axes resident in the block and N tiled. No scalar prefetch, which only
+  Mosaic TPU has: on GPU the block is a global-memory pointer, so this form costs nothing; on
+  TPU it would hold E x K x block_n in VMEM, so a TPU build should move the expert choice
+  into a scalar-prefetched index_map (left for the TPU work of issue 7).
+- Full-K panels per program with float32 accumulation (as pallas_kernels/fp8_gemm.py).
+- Backward (custom_vjp): dX is the same kernel with w transposed; dW[e] = X_e^T dY_e is a
+  second kernel, one program per (expert, K tile, N tile), looping over that expert's row
+  tiles (a dynamic trip count; zero for empty experts) with a float32 accumulator.
+FP8 block-scaled variant: not written yet (see the issue); `pallas_kernels.fp8` would supply
+the per-row 1x128 activation scales and per-expert 128x128 weight-block scales.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+from jax.experimental import pallas as pl
+
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Rows per tile (block_m: every group is padded to it), output columns per program
+    (block_n), and K columns per program of the weight-gradient kernel (block_k)."""
+
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _default_block_sizes(m: int) -> BlockSizes:
+    # Few rows (tests, decode) should not pad every group to 128 rows.
+    block_m = min(128, max(8, pl.next_power_of_2(max(1, m // 8))))
+    return BlockSizes(block_m=block_m)
+
+
+def _check_operands(rows, weights, group_sizes) -> tuple[int, int, int, int]:
+    if rows.ndim != 2:
+        raise ValueError(f"rows must be 2-D [M, K], got shape {rows.shape}")
+    if weights.ndim != 3:
+        raise ValueError(f"weights must be 3-D [E, K, N], got shape {weights.shape}")
+    for name, x in (("rows", rows), ("weights", weights)):
+        if x.dtype not in _FLOATS:
+            raise TypeError(f"{name} must be float32/bfloat16/float16, got {x.dtype}")
+    (m, k), (e, k_w, n) = rows.shape, weights.shape
+    if k != k_w:
+        raise ValueError(f"contracting dims differ: rows is {rows.shape}, weights {weights.shape}")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer) or group_sizes.shape != (e,):
+        raise ValueError(
+            f"group_sizes must be an integer array of shape ({e},) (one size per expert), "
+            f"got {group_sizes.dtype}{list(group_sizes.shape)}"
+        )
+    return m, k, n, e
+
+
+@struct.dataclass
+class TileLayout:
+    """Where the rows go in the tile-padded buffer, and which expert owns each tile."""
+
+    dest_M: jax.Array  # buffer row of each input row; num_rows (dropped) past sum(sizes)
+    tile_expert: jax.Array  # [T] expert of each tile (clamped to E - 1 for unused tiles)
+    used_tiles: jax.Array  # [1] tiles holding rows
+    tile_start_E: jax.Array  # [E] first tile of each expert
+    tile_count_E: jax.Array  # [E] tiles of each expert (0 for an empty expert)
+    num_rows: int = struct.field(pytree_node=False)  # buffer rows, T * block_m
+
+
+def tile_layout(group_sizes_E: jax.Array, num_rows: int, block_m: int) -> TileLayout:
+    """Pad each group to a multiple of block_m; computed with jnp, outside the kernels."""
+    e = group_sizes_E.shape[0]
+    sizes = group_sizes_E.astype(jnp.int32)
+    tiles_E = (sizes + block_m - 1) // block_m
+    tile_end_E = jnp.cumsum(tiles_E)
+    tile_start_E = tile_end_E - tiles_E
+    end_E = jnp.cumsum(sizes)
+    m = jnp.arange(num_rows, dtype=jnp.int32)
+    expert_M = jnp.minimum(jnp.searchsorted(end_E, m, side="right"), e - 1)
+    rank_M = m - (end_E - sizes)[expert_M]
+    num_tiles = _cdiv(num_rows, block_m) + min(e, num_rows)
+    buffer_rows = num_tiles * block_m
+    dest_M = jnp.where(m < end_E[-1], tile_start_E[expert_M] * block_m + rank_M, buffer_rows)
+    tile_expert = jnp.searchsorted(tile_end_E, jnp.arange(num_tiles), side="right")
+    return TileLayout(
+        dest_M=dest_M.astype(jnp.int32),
+        tile_expert=jnp.minimum(tile_expert, e - 1).astype(jnp.int32),
+        used_tiles=tile_end_E[-1:].astype(jnp.int32),
+        tile_start_E=tile_start_E.astype(jnp.int32),
+        tile_count_E=tiles_E,
+        num_rows=buffer_rows,
+    )
+
+
+def _to_buffer(x_MxC: jax.Array, layout: TileLayout) -> jax.Array:
+    buffer = jnp.zeros((layout.num_rows, x_MxC.shape[1]), x_MxC.dtype)
+    return buffer.at[layout.dest_M].set(x_MxC, mode="drop")
+
+
+def _from_buffer(x_PxC: jax.Array, layout: TileLayout) -> jax.Array:
+    return jnp.take(x_PxC, layout.dest_M, axis=0, mode="fill", fill_value=0)
+
+
+def _gmm_kernel(te_ref, used_ref, x_ref, w_ref, o_ref):
+    """One (block_m, block_n) output tile: the tile's rows times its expert's weights.
+
+    te_ref (1,) int32 expert of this tile, used_ref (1,) int32, x_ref (bm, K),
+    w_ref (E, K, bn), o_ref (bm, bn).
+    """
+
+    @pl.when(pl.program_id(0) < used_ref[0])
+    def _():
+        w = w_ref[te_ref[0]]
+        o_ref[...] = jnp.dot(x_ref[...], w, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+
+    @pl.when(pl.program_id(0) >= used_ref[0])
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
+
+
+def _gmm_call(x_PxK, w_ExKxN, layout: TileLayout, bs: BlockSizes, out_dtype, interpret):
+    """Tile-padded buffer [P, K] x [E, K, N] -> [P, N] (N padded to block_n inside)."""
+    p, k = x_PxK.shape
+    e, _, n = w_ExKxN.shape
+    n_pad = _round_up(n, bs.block_n)
+    w = jnp.pad(w_ExKxN, ((0, 0), (0, 0), (0, n_pad - n)))
+    out = pl.pallas_call(
+        _gmm_kernel,
+        out_shape=jax.ShapeDtypeStruct((p, n_pad), out_dtype),
+        grid=(p // bs.block_m, n_pad // bs.block_n),
+        in_specs=[
+            pl.BlockSpec((1,), lambda i, j: (i,)),
+            pl.BlockSpec((1,), lambda i, j: (0,)),
+            pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((e, k, bs.block_n), lambda i, j: (0, 0, j)),
+        ],
+        out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+    )(layout.tile_expert, layout.used_tiles, x_PxK, w)
+    return out[:, :n]
+
+
+def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, block_m: int):
+    """dW[e] tile (bk, bn) = sum over expert e's row tiles of x_tile^T dy_tile, in float32.
+
+    start_ref/count_ref (E,) int32, x_ref (P, bk), dy_ref (P, bn), o_ref (bk, bn).
+    """
+    e = pl.program_id(0)
+    start = start_ref[e]
+
+    def body(t, acc):
+        rows = pl.ds(pl.multiple_of((start + t) * block_m, block_m), block_m)
+        x, dy = x_ref[rows, :], dy_ref[rows, :]
+        return acc + lax.dot_general(
+            x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+
+    acc = lax.fori_loop(0, count_ref[e], body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, num_experts: int, bs: BlockSizes, interpret):
+    """Per-expert X^T dY over the tile-padded buffers -> [E, K, N] float32."""
+    (p, k), n = x_PxK.shape, dy_PxN.shape[1]
+    k_pad, n_pad = _round_up(k, bs.block_k), _round_up(n, bs.block_n)
+    x = jnp.pad(x_PxK, ((0, 0), (0, k_pad - k)))
+    dy = jnp.pad(dy_PxN, ((0, 0), (0, n_pad - n)))
+    out = pl.pallas_call(
+        functools.partial(_tgmm_kernel, block_m=bs.block_m),
+        out_shape=jax.ShapeDtypeStruct((num_experts, k_pad, n_pad), jnp.float32),
+        grid=(num_experts, k_pad // bs.block_k, n_pad // bs.block_n),
+        in_specs=[
+            pl.BlockSpec((num_experts,), lambda g, i, j: (0,)),
+            pl.BlockSpec((num_experts,), lambda g, i, j: (0,)),
+            pl.BlockSpec((p, bs.block_k), lambda g, i, j: (0, i)),
+            pl.BlockSpec((p, bs.block_n), lambda g, i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((None, bs.block_k, bs.block_n), lambda g, i, j: (g, i, j)),
+        interpret=interpret,
+    )(layout.tile_start_E, layout.tile_count_E, x, dy)
+    return out[:, :k, :n]
+
+
+# -- custom_vjp wiring ---------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _grouped_gemm(rows, weights, group_sizes, bs, out_dtype, interpret):
+    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
+    y = _gmm_call(_to_buffer(rows, layout), weights, layout, bs, out_dtype, interpret)
+    return _from_buffer(y, layout)
+
+
+def _grouped_gemm_fwd(rows, weights, group_sizes, bs, out_dtype, interpret):
+    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
+    x_buf = _to_buffer(rows, layout)
+    y = _from_buffer(_gmm_call(x_buf, weights, layout, bs, out_dtype, interpret), layout)
+    return y, (x_buf, weights, layout)
+
+
+def _grouped_gemm_bwd(bs, out_dtype, interpret, residuals, dy):
+    x_buf, weights, layout = residuals
+    dy_buf = _to_buffer(dy, layout)
+    w_t = jnp.swapaxes(weights, 1, 2)
+    dx = _from_buffer(_gmm_call(dy_buf, w_t, layout, bs, x_buf.dtype, interpret), layout)
+    dw = _tgmm_call(x_buf, dy_buf, layout, weights.shape[0], bs, interpret)
+    return dx, dw.astype(weights.dtype), None
+
+
+_grouped_gemm.defvjp(_grouped_gemm_fwd, _grouped_gemm_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret"))
+def grouped_gemm(
+    rows_MxK: jax.Array,
+    weights_ExKxN: jax.Array,
+    group_sizes_E: jax.Array,
+    *,
+    block_sizes: BlockSizes | None = None,
+    out_dtype=None,
+    interpret: bool = False,
+) -> jax.Array:
+    """Rows of expert e (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N]."""
+    m, _, _, _ = _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
+    bs = block_sizes or _default_block_sizes(m)
+    out_dtype = out_dtype or jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
+    return _grouped_gemm(rows_MxK, weights_ExKxN, group_sizes_E, bs, out_dtype, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
+def grouped_gemm_reference(
+    rows_MxK: jax.Array, weights_ExKxN: jax.Array, group_sizes_E: jax.Array, *, out_dtype=None
+) -> jax.Array:
+    """`jax.lax.ragged_dot` with float32 accumulation: the kernel's math and row layout."""
+    _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
+    out_dtype = out_dtype or jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
+    out = lax.ragged_dot(
+        rows_MxK,
+        weights_ExKxN,
+        group_sizes_E.astype(jnp.int32),
+        preferred_element_type=jnp.float32,
+    )
+    return out.astype(out_dtype)
