@@ -48,12 +48,13 @@ class TestMoePermute:
     @given(
         n=st.integers(1, 19),
         k=st.integers(1, 3),
-        e=st.integers(3, 7),
+        e=st.integers(4, 7),  # k distinct experts besides the one left empty
         d=st.integers(1, 9),
         block=st.sampled_from([None, mp.BlockSizes(4, 8), mp.BlockSizes(1, 3)]),
         seed=st.integers(0, 2**16),
     )
     @example(n=5, k=2, e=4, d=3, block=mp.BlockSizes(4, 8), seed=0)
+    @example(n=1, k=3, e=4, d=1, block=None, seed=0)
     def test_matches_reference_values_and_grads(self, n, k, e, d, block, seed):
         rng = np.random.default_rng(seed)
         x = _normal(rng, (n, d))
