@@ -4,6 +4,7 @@ from model import decode, presets
 from model.api import Output, ParamCount, count_params, forward, init, init_boxed, logical_axes
 from model.cache import KVCache, cache_bytes_per_token, mha_cache_bytes_per_token
 from model.config import (
+    FP8Config,
     GroupedMatmul,
     MLAConfig,
     ModelConfig,
@@ -16,6 +17,7 @@ from model.sampling import Sampling
 from model.speculative import SpeculativeStats, generate_speculative
 
 __all__ = [
+    "FP8Config",
     "FinishReason",
     "Generation",
     "GroupedMatmul",

@@ -157,6 +157,27 @@ class MoEConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FP8Config:
+    """V3's FP8 GEMMs (pallas_kernels/fp8_linear.py) for the FFN and attention projections.
+
+    On: MLA's q/kv down- and up-projections and output projection, the dense and shared
+    experts' MLPs, the routed experts (tiled-scan or dense grouped matmul). Kept in the
+    compute dtype, as in V3: embedding, output head, router, norms, the attention core
+    (scores, softmax, weighted sum), MTP's eh_proj, and decode's absorbed attention.
+    """
+
+    # The Pallas fp8_gemm (interpreted on CPU, slow) instead of the jnp reference. The
+    # routed experts' grouped matmul always uses the reference GEMM per expert tile.
+    use_kernel: bool = False
+    pow2_scale: bool = False  # round each scale up to a power of two
+
+    def __post_init__(self):
+        for name in ("use_kernel", "pow2_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FP8Config.{name} must be a bool, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A DeepSeek-V3-style decoder: dense first layers, MoE layers, optional MTP modules."""
 
@@ -174,6 +195,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: RematPolicy = RematPolicy.NONE
+    fp8: FP8Config | None = None  # None: every matmul in `dtype`
 
     def __post_init__(self):
         _positive(self, "vocab_size", "d_model", "num_layers", "dense_dim", "max_seq_len")
@@ -201,6 +223,14 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.remat must be a RematPolicy, got {self.remat!r}")
         if not isinstance(self.mla, MLAConfig):
             raise ValueError(f"ModelConfig.mla must be an MLAConfig, got {type(self.mla)}")
+        if self.fp8 is not None and not isinstance(self.fp8, FP8Config):
+            raise ValueError(f"ModelConfig.fp8 must be an FP8Config or None, got {self.fp8!r}")
+        ragged = self.moe is not None and self.moe.grouped_matmul is GroupedMatmul.RAGGED_DOT
+        if self.fp8 is not None and ragged:
+            raise ValueError(
+                "ModelConfig.fp8 needs moe.grouped_matmul AUTO, TILED_SCAN or DENSE "
+                "(FP8 routed experts run per expert tile); got RAGGED_DOT"
+            )
 
     @property
     def num_moe_layers(self) -> int:
@@ -228,6 +258,8 @@ class ModelConfig:
                 moe["grouped_matmul"] = GroupedMatmul(moe.get("grouped_matmul", "auto"))
                 moe = MoEConfig(**moe)
             fields["remat"] = RematPolicy(fields.get("remat", "none"))
+            fp8 = fields.pop("fp8", None)
+            fields["fp8"] = None if fp8 is None else FP8Config(**fp8)
             return cls(moe=moe, **fields)
         except (TypeError, KeyError) as err:
             raise ValueError(f"not a ModelConfig in JSON form: {err}") from err

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from model.config import GroupedMatmul
+from model.config import FP8Config, GroupedMatmul
+from model.fp8_grouped import fp8_tiled_scan
 
 
 @struct.dataclass
@@ -36,12 +37,17 @@ class SortedLayout:
 DENSE_MAX_ROWS = 1024
 
 
-def resolve(impl: GroupedMatmul, num_tokens: int, num_experts: int) -> GroupedMatmul:
-    """AUTO: ragged_dot on GPU/TPU; on CPU dense for few tokens (decode), else the tiled scan."""
+def resolve(
+    impl: GroupedMatmul, num_tokens: int, num_experts: int, fp8: bool = False
+) -> GroupedMatmul:
+    """AUTO: ragged_dot on GPU/TPU; on CPU dense for few tokens (decode), else the tiled scan.
+
+    With fp8, AUTO never picks ragged_dot (it has no FP8 form here): the tiled scan instead.
+    """
     if impl is not GroupedMatmul.AUTO:
         return impl
     if jax.default_backend() != "cpu":
-        return GroupedMatmul.RAGGED_DOT
+        return GroupedMatmul.TILED_SCAN if fp8 else GroupedMatmul.RAGGED_DOT
     if num_tokens * num_experts <= DENSE_MAX_ROWS:
         return GroupedMatmul.DENSE
     return GroupedMatmul.TILED_SCAN
@@ -161,13 +167,27 @@ _tiled_scan.defvjp(_tiled_scan_fwd, _tiled_scan_bwd)
 
 
 def grouped_matmul(
-    x_PxI: jax.Array, w_ExIxO: jax.Array, layout: SortedLayout, impl: GroupedMatmul
+    x_PxI: jax.Array,
+    w_ExIxO: jax.Array,
+    layout: SortedLayout,
+    impl: GroupedMatmul,
+    fp8: FP8Config | None = None,
 ) -> jax.Array:
-    """Rows of expert e times w[e]: [P, I] x [E, I, O] -> [P, O] (RAGGED_DOT or TILED_SCAN)."""
+    """Rows of expert e times w[e]: [P, I] x [E, I, O] -> [P, O] (RAGGED_DOT or TILED_SCAN).
+
+    fp8 (TILED_SCAN only): V3's FP8 GEMMs per tile, see model/fp8_grouped.py.
+    """
     if impl is GroupedMatmul.RAGGED_DOT:
+        if fp8 is not None:
+            raise ValueError(
+                "FP8 routed experts need grouped_matmul TILED_SCAN or DENSE, not RAGGED_DOT"
+            )
         return jax.lax.ragged_dot(x_PxI, w_ExIxO, layout.group_sizes_E)
     if impl is not GroupedMatmul.TILED_SCAN:
         raise ValueError(f"grouped_matmul takes RAGGED_DOT or TILED_SCAN, got {impl}")
     if layout.tile == 1:
         raise ValueError("the tiled-scan grouped matmul needs a layout built with tile > 1")
-    return _tiled_scan(x_PxI, w_ExIxO, layout.tile_expert, layout.used_tiles, layout.tile)
+    args = (x_PxI, w_ExIxO, layout.tile_expert, layout.used_tiles, layout.tile)
+    if fp8 is not None:
+        return fp8_tiled_scan(*args, fp8.pow2_scale)
+    return _tiled_scan(*args)

@@ -9,6 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.config import FP8Config
+from pallas_kernels.fp8_linear import fp8_linear
+
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 
 
@@ -39,14 +42,30 @@ class RMSNorm(nn.Module):
         return (normed * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def project(x: jax.Array, w: jax.Array, in_dims: int = 1) -> jax.Array:
-    """Contract the last `in_dims` axes of x with the first `in_dims` axes of w.
+def fp8_dot(x: jax.Array, w_KxN: jax.Array, fp8: FP8Config) -> jax.Array:
+    """x [..., K] @ w [K, N] with V3's FP8 Fprop/Dgrad/Wgrad (kernel interpreted on CPU)."""
+    return fp8_linear(
+        x,
+        w_KxN,
+        use_kernel=fp8.use_kernel,
+        interpret=jax.default_backend() == "cpu",
+        pow2_scale=fp8.pow2_scale,
+    )
+
+
+def project(
+    x: jax.Array, w: jax.Array, in_dims: int = 1, fp8: FP8Config | None = None
+) -> jax.Array:
+    """Contract the last `in_dims` axes of x with the first `in_dims` axes of w (FP8 if set).
 
     Done as one 2D matmul over flattened tokens: XLA:CPU runs the backward of a 3D
     `btd,df->btf` (a contraction over b and t) several times slower than the 2D form.
     """
     lead, k = x.shape[: x.ndim - in_dims], math.prod(x.shape[x.ndim - in_dims :])
-    y = x.reshape(-1, k) @ w.reshape(k, -1)
+    if fp8 is None:
+        y = x.reshape(-1, k) @ w.reshape(k, -1)
+    else:
+        y = fp8_dot(x.reshape(-1, k), w.reshape(k, -1), fp8)
     return y.reshape(*lead, *w.shape[in_dims:])
 
 
@@ -82,6 +101,7 @@ class MLP(nn.Module):
     init_std: float
     dtype: str = "float32"
     param_dtype: str = "float32"
+    fp8: FP8Config | None = None
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
@@ -91,9 +111,12 @@ class MLP(nn.Module):
         wi_gate = self.param("wi_gate", init_in, (d, self.hidden_dim), self.param_dtype)
         wi_up = self.param("wi_up", init_in, (d, self.hidden_dim), self.param_dtype)
         wo = self.param("wo", init_out, (self.hidden_dim, d), self.param_dtype)
-        cast = lambda w: jnp.asarray(w, self.dtype)
-        h = jax.nn.silu(x_BxTxD @ cast(wi_gate)) * (x_BxTxD @ cast(wi_up))
+        if self.fp8 is None:
+            dot = lambda x, w: x @ jnp.asarray(w, self.dtype)
+        else:
+            dot = lambda x, w: fp8_dot(x, jnp.asarray(w, self.dtype), self.fp8)
+        h = jax.nn.silu(dot(x_BxTxD, wi_gate)) * dot(x_BxTxD, wi_up)
         h = nn.with_logical_constraint(
             h, ("activation_batch", "activation_length", "activation_mlp")
         )
-        return h @ cast(wo)
+        return dot(h, wo)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from model.cache import LayerKV, Mode
-from model.config import MLAConfig
+from model.config import FP8Config, MLAConfig
 from model.layers import RMSNorm, partitioned_normal, project
 from model.rope import apply_rope, rope_cos_sin, softmax_scale
 
@@ -43,6 +43,7 @@ class MLA(nn.Module):
     dtype: str = "float32"
     param_dtype: str = "float32"
     mode: Mode = Mode.TRAIN
+    fp8: FP8Config | None = None  # FP8 projections; scores, softmax, weighted sum stay
 
     def setup(self):
         c, d = self.cfg, self.d_model
@@ -76,13 +77,13 @@ class MLA(nn.Module):
     def project_q(self, x_BxTxD: jax.Array) -> jax.Array:
         """Queries [B, T, H, nope + rope] before RoPE."""
         if self.cfg.q_lora_rank is None:
-            return project(x_BxTxD, self._cast(self._wq))
-        cq_BxTxQ = self.q_norm(project(x_BxTxD, self._cast(self._wq_a)))
-        return project(cq_BxTxQ, self._cast(self._wq_b))
+            return project(x_BxTxD, self._cast(self._wq), fp8=self.fp8)
+        cq_BxTxQ = self.q_norm(project(x_BxTxD, self._cast(self._wq_a), fp8=self.fp8))
+        return project(cq_BxTxQ, self._cast(self._wq_b), fp8=self.fp8)
 
     def project_kv_latent(self, x_BxTxD: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Normalized latent c_kv [B, T, kv_lora] and the un-rotated shared key [B, T, rope]."""
-        kv = project(x_BxTxD, self._cast(self._wkv_a))
+        kv = project(x_BxTxD, self._cast(self._wkv_a), fp8=self.fp8)
         r = self.cfg.kv_lora_rank
         return self.kv_norm(kv[..., :r]), kv[..., r:]
 
@@ -129,13 +130,14 @@ class MLA(nn.Module):
                 q_nope, q_pe, cache, new, cache_mask_BxTxS, self.wkv_b(), scale
             )
         out_BxTxHxV = nn.with_logical_constraint(out_BxTxHxV, BTHK)
-        out_BxTxD = project(out_BxTxHxV, self.wo(), in_dims=2)
+        out_BxTxD = project(out_BxTxHxV, self.wo(), in_dims=2, fp8=self.fp8)
         return out_BxTxD, None if self.mode is Mode.TRAIN else new
 
     def _attend_sequence(self, q_nope, q_pe, new: LayerKV, segment_ids_BxT):
         c = self.cfg
         B, T = q_nope.shape[:2]
-        kv_BxTxHxK = nn.with_logical_constraint(project(new.c_kv, self.wkv_b()), BTHK)
+        kv_BxTxHxK = project(new.c_kv, self.wkv_b(), fp8=self.fp8)
+        kv_BxTxHxK = nn.with_logical_constraint(kv_BxTxHxK, BTHK)
         k_nope, v_BxTxHxV = (
             kv_BxTxHxK[..., : c.qk_nope_head_dim],
             kv_BxTxHxK[..., c.qk_nope_head_dim :],

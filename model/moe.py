@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -10,8 +11,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from model import grouped_matmul as gmm
-from model.config import GroupedMatmul, MoEConfig
-from model.layers import MLP, partitioned_normal, swiglu
+from model.config import FP8Config, GroupedMatmul, MoEConfig
+from model.layers import MLP, fp8_dot, partitioned_normal, swiglu
 from model.routing import expert_counts, route, sequence_balance_loss
 from sharding import expert_parallel
 
@@ -32,12 +33,18 @@ def routed_experts(
     weights_NxK: jax.Array,
     w: dict[str, jax.Array],
     cfg: MoEConfig,
+    fp8: FP8Config | None = None,
 ) -> jax.Array:
     """Sum_k weight_k * Expert_k(x): expert-sorted grouped matmuls (cost ~ routed rows), or
-    every expert densely when that is cheaper (few tokens on CPU, see grouped_matmul.resolve)."""
+    every expert densely when that is cheaper (few tokens on CPU, see grouped_matmul.resolve).
+
+    With fp8, the tiled scan and the dense path run V3's FP8 GEMMs per expert (jnp reference
+    GEMM); ragged_dot has no FP8 form here (AUTO picks the tiled scan instead)."""
     E = w["wi_gate"].shape[0]
-    impl = gmm.resolve(cfg.grouped_matmul, x_NxD.shape[0], E)
+    impl = gmm.resolve(cfg.grouped_matmul, x_NxD.shape[0], E, fp8=fp8 is not None)
     if impl is GroupedMatmul.DENSE:
+        if fp8 is not None:
+            return dense_experts_fp8(x_NxD, experts_NxK, weights_NxK, w, fp8)
         return dense_experts(x_NxD, experts_NxK, weights_NxK, w)
     if impl is not GroupedMatmul.TILED_SCAN:
         tile = 1
@@ -47,9 +54,9 @@ def routed_experts(
         tile = cfg.tile_rows
     layout = gmm.sort_by_expert(experts_NxK, E, tile)
     x_PxD = gmm.permute(x_NxD, layout)
-    gate = gmm.grouped_matmul(x_PxD, w["wi_gate"], layout, impl)
-    up = gmm.grouped_matmul(x_PxD, w["wi_up"], layout, impl)
-    y_PxD = gmm.grouped_matmul(jax.nn.silu(gate) * up, w["wo"], layout, impl)
+    gate = gmm.grouped_matmul(x_PxD, w["wi_gate"], layout, impl, fp8)
+    up = gmm.grouped_matmul(x_PxD, w["wi_up"], layout, impl, fp8)
+    y_PxD = gmm.grouped_matmul(jax.nn.silu(gate) * up, w["wo"], layout, impl, fp8)
     return gmm.unpermute(y_PxD, layout, weights_NxK)
 
 
@@ -73,6 +80,27 @@ def dense_experts(
     up_ExNxF = jnp.einsum("end,edf->enf", x_ExNxD, w["wi_up"])
     h_ExNxF = jax.nn.silu(gate_ExNxF) * up_ExNxF * coeff_NxE.T[:, :, None]
     return jnp.einsum("enf,efd->end", h_ExNxF, w["wo"]).sum(axis=0)
+
+
+def dense_experts_fp8(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+    fp8: FP8Config,
+) -> jax.Array:
+    """dense_experts with each expert's three GEMMs in FP8 (fp8_linear, reference GEMM)."""
+    N = x_NxD.shape[0]
+    E = w["wi_gate"].shape[0]
+    coeff_NxE = jnp.zeros((N, E), x_NxD.dtype)
+    coeff_NxE = coeff_NxE.at[jnp.arange(N)[:, None], experts_NxK].add(
+        weights_NxK.astype(x_NxD.dtype)
+    )
+    dot = functools.partial(fp8_dot, fp8=dataclasses.replace(fp8, use_kernel=False))
+    per_expert = jax.vmap(dot, in_axes=(None, 0))
+    gate_ExNxF, up_ExNxF = per_expert(x_NxD, w["wi_gate"]), per_expert(x_NxD, w["wi_up"])
+    h_ExNxF = jax.nn.silu(gate_ExNxF) * up_ExNxF * coeff_NxE.T[:, :, None]
+    return jax.vmap(dot)(h_ExNxF, w["wo"]).sum(axis=0)
 
 
 def routed_experts_reference(
@@ -146,6 +174,7 @@ class MoE(nn.Module):
     init_std: float
     dtype: str = "float32"
     param_dtype: str = "float32"
+    fp8: FP8Config | None = None  # FP8 experts (routed and shared); the router stays fp32
 
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array) -> tuple[jax.Array, MoEAux]:
@@ -157,7 +186,7 @@ class MoE(nn.Module):
         w = RoutedExperts(c, self.init_std, self.param_dtype, name="experts")(D)
         w = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), w)
         # Under a mesh: per-device routing, or tokens sent to their experts' devices.
-        local = functools.partial(routed_experts, cfg=c)
+        local = functools.partial(routed_experts, cfg=c, fp8=self.fp8)
         out_NxD = expert_parallel.routed_experts(x_NxD, experts_NxK, weights_NxK, w, local)
         out_BxTxD = out_NxD.reshape(B, T, D)
         if c.num_shared_experts:
@@ -166,6 +195,7 @@ class MoE(nn.Module):
                 self.init_std,
                 self.dtype,
                 self.param_dtype,
+                self.fp8,
                 name="shared",
             )
             out_BxTxD = out_BxTxD + shared(x_BxTxD)

@@ -53,7 +53,15 @@ class Block(nn.Module):
         c = self.cfg
         norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
         attn = MLA(
-            c.mla, c.d_model, c.norm_eps, c.init_std, c.dtype, c.param_dtype, self.mode, name="attn"
+            c.mla,
+            c.d_model,
+            c.norm_eps,
+            c.init_std,
+            c.dtype,
+            c.param_dtype,
+            self.mode,
+            c.fp8,
+            name="attn",
         )
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, BTD)
         attn_out, kv = attn(
@@ -62,9 +70,11 @@ class Block(nn.Module):
         h_BxTxD = x_BxTxD + attn_out
         ffn_in = norm("ffn_norm")(h_BxTxD)
         if self.use_moe:
-            ffn_out, aux = MoE(c.moe, c.init_std, c.dtype, c.param_dtype, name="moe")(ffn_in)
+            moe = MoE(c.moe, c.init_std, c.dtype, c.param_dtype, c.fp8, name="moe")
+            ffn_out, aux = moe(ffn_in)
         else:
-            ffn_out = MLP(c.dense_dim, c.init_std, c.dtype, c.param_dtype, name="mlp")(ffn_in)
+            mlp = MLP(c.dense_dim, c.init_std, c.dtype, c.param_dtype, c.fp8, name="mlp")
+            ffn_out = mlp(ffn_in)
             aux = None
         return nn.with_logical_constraint(h_BxTxD + ffn_out, BTD), (aux, kv)
 

@@ -22,6 +22,10 @@ Design (GPU lowering is untested here: this repository's CI is CPU-only, interpr
 - A's scale column for block kb is picked from the (block_m, Kb) panel with a one-hot sum
   rather than a dynamic 1-wide lane slice, which Mosaic restricts; B's scales are expanded to
   one per column (Kb, N) in the wrapper (N*K/128 floats), which frees block_n from 128.
+- `b_scale_per_column=True` takes B's scales as [K/128, N], one per column per 128 rows
+  (128x1 tiles): V3's Wgrad, dW = X^T dY, quantizes both operands along the token axis
+  (the contraction), so dY's scales vary per column. The kernel consumes per-column scales
+  anyway; only the wrapper's expansion and the shape check differ.
 - Shapes: M, N, K need not be block multiples; the wrapper pads with zeros (zero codes add
   nothing whatever their scale) and slices the result back. The scale shapes are checked
   against K and N, so a scale tensor from a different block size fails loudly.
@@ -72,7 +76,9 @@ def _default_block_sizes(m: int) -> BlockSizes:
     return BlockSizes(block_m=min(128, max(32, pl.next_power_of_2(m))))
 
 
-def _check_operands(a_q, a_scale, b_q, b_scale, block_k: int) -> tuple[int, int, int]:
+def _check_operands(
+    a_q, a_scale, b_q, b_scale, block_k: int, b_per_column: bool = False
+) -> tuple[int, int, int]:
     for name, x in (("a_q", a_q), ("b_q", b_q)):
         if x.dtype != FP8_DTYPE:
             raise TypeError(f"{name} must be {jnp.dtype(FP8_DTYPE).name} codes, got {x.dtype}")
@@ -90,7 +96,12 @@ def _check_operands(a_q, a_scale, b_q, b_scale, block_k: int) -> tuple[int, int,
             f"a_scale shape {a_scale.shape} does not fit a_q {a_q.shape}: expected {(m, kb)} "
             f"(one scale per row per {block_k} columns)"
         )
-    if b_scale.shape != (kb, nb):
+    if b_per_column and b_scale.shape != (kb, n):
+        raise ValueError(
+            f"b_scale shape {b_scale.shape} does not fit b_q {b_q.shape}: expected {(kb, n)} "
+            f"(b_scale_per_column: one scale per column per {block_k} rows)"
+        )
+    if not b_per_column and b_scale.shape != (kb, nb):
         raise ValueError(
             f"b_scale shape {b_scale.shape} does not fit b_q {b_q.shape}: expected {(kb, nb)} "
             f"(one scale per {block_k}x{block_k} block)"
@@ -130,7 +141,9 @@ def _kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, num_k_blocks: int, block_k: 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("out_dtype", "block_sizes", "interpret", "b_scale_per_column")
+)
 def fp8_gemm(
     a_q: jax.Array,
     a_scale: jax.Array,
@@ -140,10 +153,14 @@ def fp8_gemm(
     out_dtype=jnp.bfloat16,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    b_scale_per_column: bool = False,
 ) -> jax.Array:
-    """A_q [M, K] e4m3 (scales [M, K/128]) @ B_q [K, N] e4m3 (scales [K/128, N/128]) -> [M, N]."""
+    """A_q [M, K] e4m3 (scales [M, K/128]) @ B_q [K, N] e4m3 (scales [K/128, N/128]) -> [M, N].
+
+    With b_scale_per_column, B's scales are [K/128, N] (128x1 tiles) instead.
+    """
     bs = block_sizes or _default_block_sizes(a_q.shape[0])
-    m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, bs.block_k)
+    m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, bs.block_k, b_scale_per_column)
     kb = _cdiv(k, bs.block_k)
     kb_pad = pl.next_power_of_2(kb)  # Triton tiles (the full scale panel) are powers of two
     m_pad, n_pad, k_pad = _round_up(m, bs.block_m), _round_up(n, bs.block_n), kb * bs.block_k
@@ -151,7 +168,7 @@ def fp8_gemm(
     a = jnp.pad(a_q, ((0, m_pad - m), (0, k_pad - k)))
     b = jnp.pad(b_q, ((0, k_pad - k), (0, n_pad - n)))
     sa = jnp.pad(a_scale, ((0, m_pad - m), (0, kb_pad - kb)))
-    sb_cols = jnp.repeat(b_scale, bs.block_k, axis=1)[:, :n]
+    sb_cols = b_scale if b_scale_per_column else jnp.repeat(b_scale, bs.block_k, axis=1)[:, :n]
     sb_cols = jnp.pad(sb_cols, ((0, kb_pad - kb), (0, n_pad - n)))
 
     kernel = functools.partial(
@@ -176,7 +193,7 @@ def fp8_gemm(
     return out[:m, :n]
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "block_k"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "block_k", "b_scale_per_column"))
 def fp8_gemm_reference(
     a_q: jax.Array,
     a_scale: jax.Array,
@@ -185,9 +202,10 @@ def fp8_gemm_reference(
     *,
     out_dtype=jnp.bfloat16,
     block_k: int = 128,
+    b_scale_per_column: bool = False,
 ) -> jax.Array:
     """The kernel's math in jnp: per K block, exact code products summed in f32, then scaled."""
-    m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, block_k)
+    m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, block_k, b_scale_per_column)
     kb = _cdiv(k, block_k)
     k_pad = kb * block_k
     # bfloat16 holds every E4M3 value exactly, so this dot is exact per product on any backend.
@@ -195,7 +213,7 @@ def fp8_gemm_reference(
     a_blocks = a_blocks.reshape(m, kb, block_k).transpose(1, 0, 2)  # [Kb, M, bk]
     b_blocks = jnp.pad(b_q, ((0, k_pad - k), (0, 0))).astype(jnp.bfloat16)
     b_blocks = b_blocks.reshape(kb, block_k, n)  # [Kb, bk, N]
-    sb_cols = jnp.repeat(b_scale, block_k, axis=1)[:, :n]  # [Kb, N]
+    sb_cols = b_scale if b_scale_per_column else jnp.repeat(b_scale, block_k, axis=1)[:, :n]
 
     def step(acc, xs):
         a_MxB, b_BxN, sa_M, sb_N = xs
