@@ -28,13 +28,14 @@ Kernel design (interpret-tested on CPU only; this repository has no TPU in CI):
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from sharding.expert_parallel import Layout, pack_by_destination
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -138,39 +139,6 @@ def ep_all_to_all(send_PxCxD: jax.Array, *, axis_name: str, interpret: Interpret
 def ep_all_to_all_reference(send_PxCxD: jax.Array, *, axis_name: str) -> jax.Array:
     """The same exchange as `jax.lax.all_to_all` (split and concatenate the leading axis)."""
     return lax.all_to_all(send_PxCxD, axis_name, 0, 0, tiled=True)
-
-
-class Layout(NamedTuple):
-    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot."""
-
-    dest_M: jax.Array
-    slot_M: jax.Array
-
-
-def pack_by_destination(
-    x_nxD: jax.Array, experts_nxK: jax.Array, experts_per_device: int, num_devices: int
-) -> tuple[jax.Array, jax.Array, Layout]:
-    """Send buffers [P, n*K, D] (token rows) and [P, n*K] (local expert ids) by owner device.
-
-    Capacity n*K per destination: room for all of this device's copies, so none is dropped
-    (the padded layout of sharding/expert_parallel.py). Empty rows are zeros for expert 0.
-    """
-    n, K = experts_nxK.shape
-    M = n * K
-    expert_M = experts_nxK.reshape(M).astype(jnp.int32)
-    dest_M = expert_M // experts_per_device
-    # A copy's slot: its rank among the copies to the same device (stable, so token order).
-    order_M = jnp.argsort(dest_M, stable=True)
-    counts_P = jnp.bincount(dest_M, length=num_devices)
-    starts_P = jnp.cumsum(counts_P) - counts_P
-    rank_sorted = (jnp.arange(M) - starts_P[dest_M[order_M]]).astype(jnp.int32)
-    slot_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted)
-    send_x = jnp.zeros((num_devices, M, x_nxD.shape[-1]), x_nxD.dtype)
-    send_x = send_x.at[dest_M, slot_M].set(x_nxD[jnp.arange(M) // K])
-    send_e = (
-        jnp.zeros((num_devices, M), jnp.int32).at[dest_M, slot_M].set(expert_M % experts_per_device)
-    )
-    return send_x, send_e, Layout(dest_M, slot_M)
 
 
 def dispatch(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -59,24 +60,45 @@ def _exchange(x_ExMx_: jax.Array, axis: str) -> jax.Array:
     return jax.lax.all_to_all(flat, axis, 0, 0, tiled=True).reshape(shape)
 
 
+class Layout(NamedTuple):
+    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot."""
+
+    dest_M: jax.Array
+    slot_M: jax.Array
+
+
+def pack_by_destination(
+    x_nxD: jax.Array, experts_nxK: jax.Array, experts_per_device: int, num_devices: int
+) -> tuple[jax.Array, jax.Array, Layout]:
+    """Send buffers [P, n*K, D] (token rows) and [P, n*K] (local expert ids) by owner device.
+
+    Capacity n*K per destination: room for all of this device's copies, so none is dropped
+    (the padded, no-drop layout). Empty rows are zeros for expert 0.
+    """
+    n, K = experts_nxK.shape
+    M = n * K
+    expert_M = experts_nxK.reshape(M).astype(jnp.int32)
+    dest_M = expert_M // experts_per_device
+    # A copy's slot: its rank among the copies to the same device (stable, so token order).
+    order_M = jnp.argsort(dest_M, stable=True)
+    counts_P = jnp.bincount(dest_M, length=num_devices)
+    starts_P = jnp.cumsum(counts_P) - counts_P
+    rank_sorted = (jnp.arange(M) - starts_P[dest_M[order_M]]).astype(jnp.int32)
+    slot_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted)
+    send_x = jnp.zeros((num_devices, M, x_nxD.shape[-1]), x_nxD.dtype)
+    send_x = send_x.at[dest_M, slot_M].set(x_nxD[jnp.arange(M) // K])
+    send_e = (
+        jnp.zeros((num_devices, M), jnp.int32).at[dest_M, slot_M].set(expert_M % experts_per_device)
+    )
+    return send_x, send_e, Layout(dest_M, slot_M)
+
+
 def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis):
     ep = jax.lax.axis_size(axis)
     n, K = experts_nxK.shape
     M = n * K
     E_local = w["wi_gate"].shape[0]
-    expert_M = experts_nxK.reshape(M)
-    dest_M, local_M = expert_M // E_local, expert_M % E_local
-    # Each copy's slot in its destination's buffer: its rank among copies to that device.
-    order_M = jnp.argsort(dest_M, stable=True)
-    counts_ep = jnp.bincount(dest_M, length=ep)
-    starts_ep = jnp.cumsum(counts_ep) - counts_ep
-    rank_sorted = jnp.arange(M) - starts_ep[dest_M[order_M]]
-    rank_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted.astype(jnp.int32))
-    token_M = jnp.arange(M) // K
-
-    send_x = jnp.zeros((ep, M, x_nxD.shape[-1]), x_nxD.dtype)
-    send_x = send_x.at[dest_M, rank_M].set(x_nxD[token_M])
-    send_expert = jnp.zeros((ep, M), jnp.int32).at[dest_M, rank_M].set(local_M)
+    send_x, send_expert, layout = pack_by_destination(x_nxD, experts_nxK, E_local, ep)
     recv_x, recv_expert = _exchange(send_x, axis), _exchange(send_expert, axis)
 
     # Empty slots hold zeros for expert 0: SwiGLU(0) = 0 and nobody reads them back.
@@ -88,7 +110,7 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
         w,
     )
     back = _exchange(y_RxD.reshape(ep, M, -1), axis)
-    y_nxKxD = back[dest_M, rank_M].reshape(n, K, -1)
+    y_nxKxD = back[layout.dest_M, layout.slot_M].reshape(n, K, -1)
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
 
 
