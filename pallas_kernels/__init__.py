@@ -1,6 +1,10 @@
-"""Pallas kernels beside pure-jnp references (kernels issue 7).
+"""Pallas kernels beside pure-jnp references (issue 7).
 
 - `fp8`: DeepSeek-V3 fine-grained E4M3 quantization (1x128 tiles, 128x128 blocks).
 - `fp8_gemm`: the block-scaled FP8 GEMM kernel, its jnp reference, and `fp8_matmul`.
-MoE dispatch/combine and the FP8 linear layer are still to come.
+- `fp8_linear`: an FP8 linear whose custom VJP runs Fprop, Dgrad and Wgrad in FP8 at V3's
+  granularity (ModelConfig.fp8 switches it on for the attention and expert projections).
+- `moe_permute`: group token copies by expert (carrying top-k weights) and combine them back.
+- `grouped_gemm`: a matmul over expert-sorted rows, tiles of one expert each.
+- `ep_dispatch`: expert-parallel all-to-all over remote DMA (TPU), the DeepEP idea.
 """
