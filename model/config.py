@@ -22,12 +22,21 @@ class RematPolicy(enum.Enum):
 
 
 class GroupedMatmul(enum.Enum):
-    """How the routed experts' grouped matmul is computed."""
+    """How the routed experts are computed: the MoE backend (reference, XLA paths, Pallas)."""
 
     AUTO = "auto"  # ragged_dot on GPU/TPU; on CPU dense for few tokens, else tiled scan
     RAGGED_DOT = "ragged_dot"  # jax.lax.ragged_dot over expert-sorted rows
     TILED_SCAN = "tiled_scan"  # lax.scan over row tiles that each belong to one expert
     DENSE = "dense"  # every expert on every token, unchosen ones weighted 0 (cost ~ N x E)
+    REFERENCE = "reference"  # Python loop over experts, each dense on every token (checks)
+    # pallas_kernels: permute -> grouped_gemm (wi_gate, wi_up, wo) -> combine; interpreted
+    # on CPU. No FP8 form yet.
+    PALLAS = "pallas"
+
+
+# Routed-expert paths with no FP8 form: ragged_dot, the reference loop, and the Pallas
+# grouped GEMM (its FP8 block-scaled variant is not written yet).
+FP8_UNSUPPORTED = (GroupedMatmul.RAGGED_DOT, GroupedMatmul.REFERENCE, GroupedMatmul.PALLAS)
 
 
 def _positive(obj, *names: str) -> None:
@@ -225,11 +234,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.mla must be an MLAConfig, got {type(self.mla)}")
         if self.fp8 is not None and not isinstance(self.fp8, FP8Config):
             raise ValueError(f"ModelConfig.fp8 must be an FP8Config or None, got {self.fp8!r}")
-        ragged = self.moe is not None and self.moe.grouped_matmul is GroupedMatmul.RAGGED_DOT
-        if self.fp8 is not None and ragged:
+        impl = None if self.moe is None else self.moe.grouped_matmul
+        if self.fp8 is not None and impl in FP8_UNSUPPORTED:
             raise ValueError(
                 "ModelConfig.fp8 needs moe.grouped_matmul AUTO, TILED_SCAN or DENSE "
-                "(FP8 routed experts run per expert tile); got RAGGED_DOT"
+                f"(FP8 routed experts run per expert tile); got {impl.name}"
             )
 
     @property

@@ -11,9 +11,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from model import grouped_matmul as gmm
-from model.config import FP8Config, GroupedMatmul, MoEConfig
+from model.config import FP8_UNSUPPORTED, FP8Config, GroupedMatmul, MoEConfig
 from model.layers import MLP, fp8_dot, partitioned_normal, swiglu
 from model.routing import expert_counts, route, sequence_balance_loss
+from pallas_kernels import moe_permute
+from pallas_kernels.grouped_gemm import grouped_gemm
 from sharding import expert_parallel
 
 
@@ -39,9 +41,20 @@ def routed_experts(
     every expert densely when that is cheaper (few tokens on CPU, see grouped_matmul.resolve).
 
     With fp8, the tiled scan and the dense path run V3's FP8 GEMMs per expert (jnp reference
-    GEMM); ragged_dot has no FP8 form here (AUTO picks the tiled scan instead)."""
+    GEMM); ragged_dot, REFERENCE and PALLAS have no FP8 form here (AUTO picks the tiled scan).
+    """
     E = w["wi_gate"].shape[0]
     impl = gmm.resolve(cfg.grouped_matmul, x_NxD.shape[0], E, fp8=fp8 is not None)
+    if fp8 is not None and impl in FP8_UNSUPPORTED:
+        why = "the FP8 Pallas grouped GEMM is not written yet"
+        raise ValueError(
+            f"FP8 routed experts need grouped_matmul AUTO, TILED_SCAN or DENSE, got {impl.name}"
+            + (f" ({why})" if impl is GroupedMatmul.PALLAS else "")
+        )
+    if impl is GroupedMatmul.REFERENCE:
+        return routed_experts_reference(x_NxD, experts_NxK, weights_NxK, w)
+    if impl is GroupedMatmul.PALLAS:
+        return pallas_experts(x_NxD, experts_NxK, weights_NxK, w)
     if impl is GroupedMatmul.DENSE:
         if fp8 is not None:
             return dense_experts_fp8(x_NxD, experts_NxK, weights_NxK, w, fp8)
@@ -103,13 +116,34 @@ def dense_experts_fp8(
     return jax.vmap(dot)(h_ExNxF, w["wo"]).sum(axis=0)
 
 
+def pallas_experts(
+    x_NxD: jax.Array,
+    experts_NxK: jax.Array,
+    weights_NxK: jax.Array,
+    w: dict[str, jax.Array],
+    interpret: bool | None = None,
+) -> jax.Array:
+    """routed_experts with the Pallas kernels: permute -> grouped GEMMs -> SwiGLU -> combine.
+
+    interpret (default: on CPU) runs the kernels in Pallas interpret mode."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    E = w["wi_gate"].shape[0]
+    rows_MxD, weights_M, group_sizes_E, indices = moe_permute.permute(
+        x_NxD, experts_NxK, weights_NxK.astype(x_NxD.dtype), E, interpret=interpret
+    )
+    gemm = functools.partial(grouped_gemm, group_sizes_E=group_sizes_E, interpret=interpret)
+    h_MxF = jax.nn.silu(gemm(rows_MxD, w["wi_gate"])) * gemm(rows_MxD, w["wi_up"])
+    return moe_permute.combine(gemm(h_MxF, w["wo"]), weights_M, indices, interpret=interpret)
+
+
 def routed_experts_reference(
     x_NxD: jax.Array,
     experts_NxK: jax.Array,
     weights_NxK: jax.Array,
     w: dict[str, jax.Array],
 ) -> jax.Array:
-    """Plain loop over experts, each applied densely to every token (tests only)."""
+    """Plain loop over experts, each applied densely to every token (GroupedMatmul.REFERENCE)."""
     out_NxD = jnp.zeros_like(x_NxD)
     for e in range(w["wi_gate"].shape[0]):
         coeff_N = jnp.where(experts_NxK == e, weights_NxK, 0.0).sum(-1).astype(x_NxD.dtype)
