@@ -171,14 +171,13 @@ def pretrain_base(config: R1ZeroConfig, run_dir: Path) -> Path:
 
 
 def _table(rows: list[dict]) -> str:
-    cols = ["seed", "accuracy", "format", "answer_correct", "minutes"]
     lines = [
         f"{'seed':>4}  {'accuracy before -> after':>26}  {'format':>15}  "
         f"{'answer_correct':>15}  {'minutes':>7}"
     ]
     for r in rows:
         cells = [f"{r['seed']:>4}"]
-        for name, width in zip(cols[1:4], (26, 15, 15), strict=True):
+        for name, width in (("accuracy", 26), ("format", 15), ("answer_correct", 15)):
             before, after = r["before"][name], r["after"][name]
             cells.append(f"{before:.3f} -> {after:.3f}".rjust(width))
         cells.append(f"{r['wall_s'] / 60:>7.1f}")
@@ -217,8 +216,8 @@ def run(config: R1ZeroConfig, run_dir) -> dict:
             config=dataclasses.replace(config.grpo, seed=seed),
             meta={"r1_zero": to_json(config)},
         )
-        before = result.eval_before or _first_eval(seed_dir)
-        rows.append({"seed": seed, "before": before, "after": result.eval, "wall_s": result.wall_s})
+        before, after = result.eval_before, result.eval
+        rows.append({"seed": seed, "before": before, "after": after, "wall_s": result.wall_s})
     print(_table(rows))
     for key, name in (
         ("eval/accuracy", "accuracy.png"),
@@ -236,13 +235,3 @@ def run(config: R1ZeroConfig, run_dir) -> dict:
     }
     (run_dir / "summary.json").write_text(json.dumps(summary | {"rows": rows}, indent=2) + "\n")
     return summary
-
-
-def _first_eval(run_dir: Path) -> dict:
-    """A resumed run's step-0 held-out scores, from its metrics."""
-    from train.metrics import read_metrics
-
-    for record in read_metrics(run_dir):
-        if record["step"] == 0 and "eval/accuracy" in record:
-            return {k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")}
-    return {}

@@ -30,13 +30,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._blocks import cdiv
+
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 AMAX_FLOOR = 1e-4  # V3: s = max(amax, 1e-4) / 448
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_block(block: int) -> None:
@@ -75,7 +73,7 @@ def quantize_rows(
     if x.ndim < 1:
         raise ValueError(f"x must have at least one axis (rows x K), got shape {x.shape}")
     k = x.shape[-1]
-    kb = _cdiv(k, block)
+    kb = cdiv(k, block)
     x = x.astype(jnp.float32)
     pad = [(0, 0)] * (x.ndim - 1) + [(0, kb * block - k)]
     tiles = jnp.pad(x, pad).reshape(*x.shape[:-1], kb, block)
@@ -94,7 +92,7 @@ def quantize_blocks(
     if w.ndim != 2:
         raise ValueError(f"w must be a 2-D weight [K, N], got shape {w.shape}")
     k, n = w.shape
-    kb, nb = _cdiv(k, block), _cdiv(n, block)
+    kb, nb = cdiv(k, block), cdiv(n, block)
     w = jnp.pad(w.astype(jnp.float32), ((0, kb * block - k), (0, nb * block - n)))
     blocks = w.reshape(kb, block, nb, block)
     scale = compute_scale(jnp.max(jnp.abs(blocks), axis=(1, 3)), pow2_scale)
@@ -106,10 +104,10 @@ def dequantize_rows(q: jax.Array, scale: jax.Array, block: int = 128) -> jax.Arr
     """Inverse of quantize_rows: q [..., K] e4m3, s [..., ceil(K/block)] -> float32 [..., K]."""
     _check_block(block)
     k = q.shape[-1]
-    if scale.shape != (*q.shape[:-1], _cdiv(k, block)):
+    if scale.shape != (*q.shape[:-1], cdiv(k, block)):
         raise ValueError(
             f"scale shape {scale.shape} does not match q {q.shape} with block {block}: "
-            f"expected {(*q.shape[:-1], _cdiv(k, block))}"
+            f"expected {(*q.shape[:-1], cdiv(k, block))}"
         )
     s = jnp.repeat(scale.astype(jnp.float32), block, axis=-1)[..., :k]
     return q.astype(jnp.float32) * s
@@ -119,10 +117,10 @@ def dequantize_blocks(q: jax.Array, scale: jax.Array, block: int = 128) -> jax.A
     """Inverse of quantize_blocks: q [K, N] e4m3, s [ceil(K/block), ceil(N/block)] -> f32 [K, N]."""
     _check_block(block)
     k, n = q.shape
-    if scale.shape != (_cdiv(k, block), _cdiv(n, block)):
+    if scale.shape != (cdiv(k, block), cdiv(n, block)):
         raise ValueError(
             f"scale shape {scale.shape} does not match q {q.shape} with block {block}: "
-            f"expected {(_cdiv(k, block), _cdiv(n, block))}"
+            f"expected {(cdiv(k, block), cdiv(n, block))}"
         )
     s = jnp.repeat(jnp.repeat(scale.astype(jnp.float32), block, axis=0), block, axis=1)
     return q.astype(jnp.float32) * s[:k, :n]

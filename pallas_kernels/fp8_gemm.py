@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._blocks import cdiv, check_positive_fields, round_up
 from pallas_kernels.fp8 import FP8_DTYPE, quantize_blocks, quantize_rows
 
 
@@ -56,18 +57,7 @@ class BlockSizes:
     block_k: int = 128
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _round_up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
+        check_positive_fields(self)
 
 
 def _default_block_sizes(m: int) -> BlockSizes:
@@ -90,7 +80,7 @@ def _check_operands(
     (m, k), (k_b, n) = a_q.shape, b_q.shape
     if k != k_b:
         raise ValueError(f"contracting dims differ: a_q is {a_q.shape}, b_q is {b_q.shape}")
-    kb, nb = _cdiv(k, block_k), _cdiv(n, block_k)
+    kb, nb = cdiv(k, block_k), cdiv(n, block_k)
     if a_scale.shape != (m, kb):
         raise ValueError(
             f"a_scale shape {a_scale.shape} does not fit a_q {a_q.shape}: expected {(m, kb)} "
@@ -161,9 +151,9 @@ def fp8_gemm(
     """
     bs = block_sizes or _default_block_sizes(a_q.shape[0])
     m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, bs.block_k, b_scale_per_column)
-    kb = _cdiv(k, bs.block_k)
+    kb = cdiv(k, bs.block_k)
     kb_pad = pl.next_power_of_2(kb)  # Triton tiles (the full scale panel) are powers of two
-    m_pad, n_pad, k_pad = _round_up(m, bs.block_m), _round_up(n, bs.block_n), kb * bs.block_k
+    m_pad, n_pad, k_pad = round_up(m, bs.block_m), round_up(n, bs.block_n), kb * bs.block_k
 
     a = jnp.pad(a_q, ((0, m_pad - m), (0, k_pad - k)))
     b = jnp.pad(b_q, ((0, k_pad - k), (0, n_pad - n)))
@@ -206,7 +196,7 @@ def fp8_gemm_reference(
 ) -> jax.Array:
     """The kernel's math in jnp: per K block, exact code products summed in f32, then scaled."""
     m, k, n = _check_operands(a_q, a_scale, b_q, b_scale, block_k, b_scale_per_column)
-    kb = _cdiv(k, block_k)
+    kb = cdiv(k, block_k)
     k_pad = kb * block_k
     # bfloat16 holds every E4M3 value exactly, so this dot is exact per product on any backend.
     a_blocks = jnp.pad(a_q, ((0, 0), (0, k_pad - k))).astype(jnp.bfloat16)

@@ -39,6 +39,8 @@ from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._blocks import cdiv, check_positive_fields, round_up
+
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -52,18 +54,7 @@ class BlockSizes:
     block_k: int = 128
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _round_up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
+        check_positive_fields(self)
 
 
 def _default_block_sizes(m: int) -> BlockSizes:
@@ -114,7 +105,7 @@ def tile_layout(group_sizes_E: jax.Array, num_rows: int, block_m: int) -> TileLa
     m = jnp.arange(num_rows, dtype=jnp.int32)
     expert_M = jnp.minimum(jnp.searchsorted(end_E, m, side="right"), e - 1)
     rank_M = m - (end_E - sizes)[expert_M]
-    num_tiles = _cdiv(num_rows, block_m) + min(e, num_rows)
+    num_tiles = cdiv(num_rows, block_m) + min(e, num_rows)
     buffer_rows = num_tiles * block_m
     dest_M = jnp.where(m < end_E[-1], tile_start_E[expert_M] * block_m + rank_M, buffer_rows)
     tile_expert = jnp.searchsorted(tile_end_E, jnp.arange(num_tiles), side="right")
@@ -158,7 +149,7 @@ def _gmm_call(x_PxK, w_ExKxN, layout: TileLayout, bs: BlockSizes, out_dtype, int
     """Tile-padded buffer [P, K] x [E, K, N] -> [P, N] (N padded to block_n inside)."""
     p, k = x_PxK.shape
     e, _, n = w_ExKxN.shape
-    n_pad = _round_up(n, bs.block_n)
+    n_pad = round_up(n, bs.block_n)
     w = jnp.pad(w_ExKxN, ((0, 0), (0, 0), (0, n_pad - n)))
     out = pl.pallas_call(
         _gmm_kernel,
@@ -198,7 +189,7 @@ def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, block_m: int):
 def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, num_experts: int, bs: BlockSizes, interpret):
     """Per-expert X^T dY over the tile-padded buffers -> [E, K, N] float32."""
     (p, k), n = x_PxK.shape, dy_PxN.shape[1]
-    k_pad, n_pad = _round_up(k, bs.block_k), _round_up(n, bs.block_n)
+    k_pad, n_pad = round_up(k, bs.block_k), round_up(n, bs.block_n)
     x = jnp.pad(x_PxK, ((0, 0), (0, k_pad - k)))
     dy = jnp.pad(dy_PxN, ((0, 0), (0, n_pad - n)))
     out = pl.pallas_call(

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels._blocks import check_positive_fields, round_up
+
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -44,10 +46,7 @@ class BlockSizes:
     block_tokens: int = 32
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive int, got {value!r}")
+        check_positive_fields(self)
 
 
 class SortedIndices(NamedTuple):
@@ -55,10 +54,6 @@ class SortedIndices(NamedTuple):
 
     copy_M: jax.Array  # token copy n * K + k held by sorted row p
     dest_NxK: jax.Array  # sorted row of token copy (n, k)
-
-
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
 
 
 def _check_float(name: str, x: jax.Array) -> None:
@@ -122,7 +117,7 @@ def _gather_kernel(idx_ref, src_ref, o_ref):
 def _gather_rows(src_SxD: jax.Array, idx_R: jax.Array, block_rows: int, interpret: bool):
     """src[idx] -> [R, D] with the gather kernel."""
     (s, d), r = src_SxD.shape, idx_R.shape[0]
-    r_pad = _round_up(max(r, 1), block_rows)
+    r_pad = round_up(max(r, 1), block_rows)
     idx = jnp.pad(idx_R.astype(jnp.int32), (0, r_pad - r))  # padding rows copy row 0
     out = pl.pallas_call(
         _gather_kernel,
@@ -158,7 +153,7 @@ def _combine_kernel(dest_ref, w_ref, rows_ref, o_ref, *, top_k: int):
 def _combine_rows(rows_MxD, w_NxK, dest_NxK, block_tokens: int, interpret: bool):
     """sum_k w[n, k] * rows[dest[n, k]] -> [N, D] with the combine kernel."""
     (m, d), (n, k) = rows_MxD.shape, dest_NxK.shape
-    n_pad = _round_up(max(n, 1), block_tokens)
+    n_pad = round_up(max(n, 1), block_tokens)
     dest = jnp.pad(dest_NxK.astype(jnp.int32), ((0, n_pad - n), (0, 0)))
     w = jnp.pad(w_NxK.astype(jnp.float32), ((0, n_pad - n), (0, 0)))
     out = pl.pallas_call(

@@ -40,9 +40,10 @@ from rl.rewards import RewardFn, Weighted
 from rl.rollout import row_length
 from train.checkpoint import Checkpointer
 from train.loop import StopFlag
-from train.metrics import MetricsWriter
+from train.metrics import MetricsWriter, read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
-from train.state import TrainState, init_state
+from train.pretrain import to_json
+from train.state import TrainState
 from train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class GRPOConfig:
 @dataclasses.dataclass
 class GRPOResult:
     """Where a run ended: its last step's metrics, the held-out scores before the first step
-    (empty for a resumed run) and after the last, and the wall time of this call."""
+    (read back from the metrics when resumed) and after the last, and the wall time of this
+    call."""
 
     step: int
     interrupted: bool
@@ -130,15 +132,25 @@ def task_order(step: int, batch: int, num_tasks: int, seed: int) -> list[int]:
     return out
 
 
-def _initial_state(cfg: ModelConfig, config: GRPOConfig, variables: dict) -> TrainState:
-    optimizer = make_optimizer(config.optimizer)
+def _first_eval(run_dir: Path) -> dict[str, float]:
+    """The held-out scores a run logged before its first step (what a resumed run reports as
+    eval_before)."""
+    for record in read_metrics(run_dir):
+        if record["step"] == 0:
+            return {k.removeprefix("eval/"): v for k, v in record.items() if k != "step"}
+    return {}
+
+
+def _initial_state(config: GRPOConfig, variables: dict) -> TrainState:
     # Copies: the update donates the state's buffers, and the caller keeps its variables.
     variables = jax.tree.map(jnp.copy, variables)
-    fresh = init_state(cfg, optimizer, jax.random.key(config.seed))
-    return fresh.replace(
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
         params=variables["params"],
+        opt_state=make_optimizer(config.optimizer).init(variables["params"]),
         router_bias=variables.get("router_bias", {}),
-        opt_state=optimizer.init(variables["params"]),
+        rng=jax.random.key(config.seed),
+        skipped=jnp.zeros((), jnp.int32),
     )
 
 
@@ -164,7 +176,7 @@ def train_grpo(
     if not train_tasks:
         raise ValueError("train_grpo: no training tasks")
     eval_fns = dict(eval_fns or {})
-    state = _initial_state(cfg, config, variables)
+    state = _initial_state(config, variables)
     use_ref = config.loss.beta > 0
     ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
     checkpointer = Checkpointer(
@@ -190,8 +202,6 @@ def train_grpo(
         row_len=row_length(longest, config.max_new_tokens),
         seed=config.seed,
     )
-    from train.pretrain import to_json
-
     meta = dict(meta or {}) | {"grpo": to_json(config)}
 
     def run_eval(step: int, writer) -> dict[str, float]:
@@ -217,6 +227,8 @@ def train_grpo(
     with MetricsWriter(run_dir) as writer, stop.installed():
         if start == 0:
             eval_before = last_eval = run_eval(0, writer)
+        else:
+            eval_before = _first_eval(run_dir)
         bar = tqdm(
             total=config.steps, initial=start, desc="grpo", unit="step", disable=not config.progress
         )

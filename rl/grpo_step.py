@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from model import ModelConfig
+from model.sampling import Sampling
 from rl.evaluate import decode_completions, task_columns
 from rl.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from rl.rewards import Weighted
@@ -131,7 +132,7 @@ class GRPOStep:
     reward: Weighted
     loss: GRPOLossConfig
     optimizer: OptimizerConfig
-    sampling: Any  # model.Sampling
+    sampling: Sampling
     group_size: int
     mu: int
     max_new_tokens: int

@@ -1,4 +1,4 @@
-"""Rollouts for GRPO: G sampled completions per prompt through `model.generate`'s jitted core,
+"""Rollouts for GRPO: G sampled completions per prompt through `model.generate`,
 laid out as fixed-shape training rows, and the policy's per-token log-probs on those rows.
 
 A row is [prompt | completion | padding] of a fixed length, so every step of a run reuses one
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import ModelConfig, forward
-from model.generate import FinishReason, check_request, generate_padded, left_pad
+from model.generate import FinishReason, generate
 from model.sampling import Sampling
 
 
@@ -59,16 +59,16 @@ def rollout(
     pad_to: int = 16,
 ) -> Rollout:
     """Sample group_size completions of each prompt and lay them out as training rows."""
-    tokens, lengths = left_pad(prompts, pad_to)
-    check_request(cfg, tokens, lengths, max_new_tokens)
-    if int(lengths.max()) + max_new_tokens > row_len:
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > row_len:
         raise ValueError(
-            f"row_len {row_len} < longest prompt {int(lengths.max())} + max_new_tokens "
-            f"{max_new_tokens}"
+            f"row_len {row_len} < longest prompt {longest} + max_new_tokens {max_new_tokens}"
         )
-    tokens, lengths = np.repeat(tokens, group_size, 0), np.repeat(lengths, group_size)
-    stops = tuple(sorted({int(t) for t in stop_tokens}))
-    out = generate_padded(cfg, sampling, max_new_tokens, stops, variables, tokens, lengths, rng)
+    out = generate(
+        cfg, variables, prompts, max_new_tokens=max_new_tokens,
+        temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+        stop_tokens=stop_tokens, num_samples=group_size, rng=rng, pad_to=pad_to,
+    )  # fmt: skip
     gen_tokens, gen_len = np.asarray(out.tokens), np.asarray(out.lengths)
     gen_logp = np.asarray(out.logprobs)
     N = len(gen_tokens)

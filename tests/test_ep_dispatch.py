@@ -1,13 +1,8 @@
 """The expert-parallel remote-DMA exchange: argument checks here, and in a child process with
 8 forced host devices the interpreted multi-device tests of tests/test_ep_dispatch_devices.py
-(the same mechanism as tests/test_sharding.py)."""
+(tests/multidevice.py, as tests/test_sharding.py)."""
 
 from __future__ import annotations
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.ep_dispatch import ep_all_to_all
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.multidevice import run_on_8_devices
 
 
 def test_rejects_a_buffer_without_one_block_per_device():
@@ -32,12 +26,4 @@ def test_rejects_a_buffer_without_one_block_per_device():
 
 
 def test_on_8_simulated_devices():
-    # Optimization level 0 halves compile time; both sides of every comparison share it.
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist",
-           "tests/test_ep_dispatch_devices.py"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    print(result.stdout[-6000:])
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "skipped" not in result.stdout.splitlines()[-1]
+    run_on_8_devices("tests/test_ep_dispatch_devices.py", timeout=600)

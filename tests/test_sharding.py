@@ -3,17 +3,11 @@ devices, the multi-device equivalence tests of tests/test_sharding_devices.py.""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from sharding.mesh import ParallelConfig
 from sharding.rules import Rules, describe, mesh_axes_of
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.multidevice import run_on_8_devices
 
 
 def test_mesh_shapes():
@@ -40,12 +34,4 @@ def test_rule_tables():
 
 
 def test_on_8_simulated_devices():
-    # Optimization level 0 halves compile time; both sides of every comparison share it.
-    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "no:xdist",
-           "tests/test_sharding_devices.py"]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    print(result.stdout[-6000:])
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "skipped" not in result.stdout.splitlines()[-1]
+    run_on_8_devices("tests/test_sharding_devices.py", timeout=1200)
