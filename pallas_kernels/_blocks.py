@@ -1,8 +1,10 @@
-"""Tile arithmetic and block-size validation shared by the kernels."""
+"""Tile arithmetic, block-size validation and the kernel-variant choice shared by the kernels."""
 
 from __future__ import annotations
 
 import dataclasses
+
+import jax
 
 
 def cdiv(a: int, b: int) -> int:
@@ -20,3 +22,17 @@ def check_positive_fields(obj) -> None:
         if not isinstance(value, int) or value <= 0:
             name = type(obj).__name__
             raise ValueError(f"{name}.{field.name} must be a positive int, got {value!r}")
+
+
+VARIANTS = ("auto", "generic", "tpu")
+
+
+def kernel_variant(variant: str) -> str:
+    """Which build of a kernel to run: "generic" (blocks picked inside the kernel: GPU and
+    interpret mode), "tpu" (Mosaic TPU: scalar prefetch and DMAs), or "auto", which is "tpu"
+    on a TPU backend and "generic" elsewhere."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "auto":
+        return "tpu" if jax.default_backend() == "tpu" else "generic"
+    return variant

@@ -18,8 +18,9 @@ Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, int
 - The expert is picked inside the kernel (w_ref[e] with e read from the tile map), with the
   weights' E and K axes resident in the block and N tiled. No scalar prefetch, which only
   Mosaic TPU has: on GPU the block is a global-memory pointer, so this form costs nothing; on
-  TPU it would hold E x K x block_n in VMEM, so a TPU build should move the expert choice
-  into a scalar-prefetched index_map (left for the TPU work of issue 7).
+  TPU it would hold E x K x block_n in VMEM. The TPU build, pallas_kernels/grouped_gemm_tpu.py
+  (variant="tpu", the default on a TPU backend; interpret-tested only), picks the expert in a
+  scalar-prefetched index_map and tiles K.
 - Full-K panels per program with float32 accumulation (as pallas_kernels/fp8_gemm.py).
 - Backward (custom_vjp): dX is the same kernel with w transposed; dW[e] = X_e^T dY_e is a
   second kernel, one program per (expert, K tile, N tile), looping over that expert's row
@@ -39,7 +40,7 @@ from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import cdiv, check_positive_fields, round_up
+from pallas_kernels._blocks import cdiv, check_positive_fields, kernel_variant, round_up
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -237,7 +238,7 @@ def _grouped_gemm_bwd(bs, out_dtype, interpret, residuals, dy):
 _grouped_gemm.defvjp(_grouped_gemm_fwd, _grouped_gemm_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret", "variant"))
 def grouped_gemm(
     rows_MxK: jax.Array,
     weights_ExKxN: jax.Array,
@@ -246,11 +247,26 @@ def grouped_gemm(
     block_sizes: BlockSizes | None = None,
     out_dtype=None,
     interpret: bool = False,
+    variant: str = "auto",
 ) -> jax.Array:
-    """Rows of expert e (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N]."""
+    """Rows of expert e (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N].
+
+    variant: "generic" (this file's kernels), "tpu" (grouped_gemm_tpu.py's), or "auto" ("tpu"
+    on a TPU backend)."""
     m, _, _, _ = _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
     bs = block_sizes or _default_block_sizes(m)
     out_dtype = out_dtype or jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
+    if kernel_variant(variant) == "tpu":
+        from pallas_kernels import grouped_gemm_tpu  # lazy: it imports this module
+
+        return grouped_gemm_tpu.grouped_gemm_tpu(
+            rows_MxK,
+            weights_ExKxN,
+            group_sizes_E,
+            block_sizes=bs,
+            out_dtype=out_dtype,
+            interpret=interpret,
+        )
     return _grouped_gemm(rows_MxK, weights_ExKxN, group_sizes_E, bs, out_dtype, interpret)
 
 

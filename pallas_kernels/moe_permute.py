@@ -15,8 +15,11 @@ Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, int
   from its index block and copies that row of the source, resident in the block, with a
   dynamic 1-row slice. Combine kernel: one program per block of tokens, K dynamic row reads
   per token, weighted sum in float32. No scalar prefetch (Mosaic TPU only): on GPU the
-  resident source is a global-memory pointer; a TPU build would DMA rows from HBM
-  (memory_space=ANY) instead of holding the source in VMEM.
+  resident source is a global-memory pointer, but on TPU it would be held in VMEM whole. The
+  TPU build, pallas_kernels/moe_permute_tpu.py (variant="tpu", the default on a TPU backend;
+  interpret-tested only), keeps the source in HBM (memory_space=ANY) and DMAs rows at
+  scalar-prefetched indices; both builds share the index computation and the custom_vjp
+  wiring below, which takes the row movers (`RowMovers`) as a parameter.
 - Backward (custom_vjp, below the kernels): permute's is the combine kernel with unit
   weights (a scatter-add of each token's K copies); combine's is the gather kernel on the
   output gradient, scaled by the weights, plus d weight[p] = <d out[token(p)], rows[p]>.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import check_positive_fields, round_up
+from pallas_kernels._blocks import check_positive_fields, kernel_variant, round_up
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -171,10 +175,29 @@ def _combine_rows(rows_MxD, w_NxK, dest_NxK, block_tokens: int, interpret: bool)
     return out[:n]
 
 
+class RowMovers(NamedTuple):
+    """The two row-moving kernels the custom_vjp wiring below runs: this file's, or the TPU
+    build's (pallas_kernels/moe_permute_tpu.py)."""
+
+    gather: Callable  # (src [S, D], idx [R], block_rows, interpret) -> src[idx] [R, D]
+    combine: Callable  # (rows [M, D], w [N, K], dest [N, K], block_tokens, interpret) -> [N, D]
+
+
+GENERIC_MOVERS = RowMovers(_gather_rows, _combine_rows)
+
+
+def _movers(variant: str) -> RowMovers:
+    if kernel_variant(variant) == "tpu":
+        from pallas_kernels import moe_permute_tpu  # lazy: it imports this module
+
+        return moe_permute_tpu.TPU_MOVERS
+    return GENERIC_MOVERS
+
+
 # -- public API ----------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("num_experts", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("num_experts", "block_sizes", "interpret", "variant"))
 def permute(
     x_NxD: jax.Array,
     expert_idx_NxK: jax.Array,
@@ -183,19 +206,23 @@ def permute(
     *,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    variant: str = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array, SortedIndices]:
     """Token copies grouped by expert: (rows [N*K, D], weights [N*K], group_sizes [E], indices).
 
-    Expert ids must lie in [0, num_experts); copies of one expert keep token order.
+    Expert ids must lie in [0, num_experts); copies of one expert keep token order. variant:
+    "generic" (this file's kernels), "tpu" (moe_permute_tpu.py's), or "auto" ("tpu" on a TPU
+    backend).
     """
     _check_permute_args(x_NxD, expert_idx_NxK, weights_NxK, num_experts)
     indices, group_sizes_E = sort_indices(expert_idx_NxK, num_experts)
-    rows = _permute_rows(x_NxD, indices, block_sizes or BlockSizes(), interpret)
+    bs, movers = block_sizes or BlockSizes(), _movers(variant)
+    rows = _permute_rows(x_NxD, indices, bs, interpret, movers)
     weights_M = weights_NxK.reshape(-1)[indices.copy_M]
     return rows, weights_M, group_sizes_E, indices
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "variant"))
 def combine(
     rows_MxD: jax.Array,
     weights_M: jax.Array,
@@ -203,11 +230,15 @@ def combine(
     *,
     block_sizes: BlockSizes | None = None,
     interpret: bool = False,
+    variant: str = "auto",
 ) -> jax.Array:
-    """Weighted un-permute: out[n] = sum_k weights[dest[n, k]] * rows[dest[n, k]] -> [N, D]."""
+    """Weighted un-permute: out[n] = sum_k weights[dest[n, k]] * rows[dest[n, k]] -> [N, D].
+
+    variant as for `permute`."""
     _check_combine_args(rows_MxD, weights_M, indices)
     w_NxK = weights_M[indices.dest_NxK]
-    return _combine(rows_MxD, w_NxK, indices, block_sizes or BlockSizes(), interpret)
+    bs, movers = block_sizes or BlockSizes(), _movers(variant)
+    return _combine(rows_MxD, w_NxK, indices, bs, interpret, movers)
 
 
 @functools.partial(jax.jit, static_argnames=("num_experts",))
@@ -236,40 +267,41 @@ def combine_reference(
 # -- custom_vjp wiring ---------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _permute_rows(x_NxD, indices: SortedIndices, bs: BlockSizes, interpret: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _permute_rows(x_NxD, indices: SortedIndices, bs: BlockSizes, interpret, movers: RowMovers):
     k = indices.dest_NxK.shape[1]
-    return _gather_rows(x_NxD, indices.copy_M // k, bs.block_rows, interpret)
+    return movers.gather(x_NxD, indices.copy_M // k, bs.block_rows, interpret)
 
 
-def _permute_rows_fwd(x_NxD, indices, bs, interpret):
-    return _permute_rows(x_NxD, indices, bs, interpret), indices
+def _permute_rows_fwd(x_NxD, indices, bs, interpret, movers):
+    return _permute_rows(x_NxD, indices, bs, interpret, movers), indices
 
 
-def _permute_rows_bwd(bs, interpret, indices, d_rows_MxD):
+def _permute_rows_bwd(bs, interpret, movers, indices, d_rows_MxD):
     # Each token's gradient is the unweighted sum of its K copies' gradients.
     ones = jnp.ones(indices.dest_NxK.shape, jnp.float32)
-    dx = _combine_rows(d_rows_MxD, ones, indices.dest_NxK, bs.block_tokens, interpret)
+    dx = movers.combine(d_rows_MxD, ones, indices.dest_NxK, bs.block_tokens, interpret)
     return dx, None
 
 
 _permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _combine(rows_MxD, w_NxK, indices: SortedIndices, bs: BlockSizes, interpret: bool):
-    return _combine_rows(rows_MxD, w_NxK, indices.dest_NxK, bs.block_tokens, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _combine(rows_MxD, w_NxK, indices: SortedIndices, bs: BlockSizes, interpret, movers):
+    return movers.combine(rows_MxD, w_NxK, indices.dest_NxK, bs.block_tokens, interpret)
 
 
-def _combine_fwd(rows_MxD, w_NxK, indices, bs, interpret):
-    return _combine(rows_MxD, w_NxK, indices, bs, interpret), (rows_MxD, w_NxK, indices)
+def _combine_fwd(rows_MxD, w_NxK, indices, bs, interpret, movers):
+    out = _combine(rows_MxD, w_NxK, indices, bs, interpret, movers)
+    return out, (rows_MxD, w_NxK, indices)
 
 
-def _combine_bwd(bs, interpret, residuals, d_out_NxD):
+def _combine_bwd(bs, interpret, movers, residuals, d_out_NxD):
     rows_MxD, w_NxK, indices = residuals
     k = indices.dest_NxK.shape[1]
     # Row p fed token copy[p] // K: its gradient is that token's output gradient.
-    g_MxD = _gather_rows(d_out_NxD, indices.copy_M // k, bs.block_rows, interpret)
+    g_MxD = movers.gather(d_out_NxD, indices.copy_M // k, bs.block_rows, interpret)
     g_MxD = g_MxD.astype(jnp.float32)
     w_M = w_NxK.reshape(-1)[indices.copy_M].astype(jnp.float32)
     d_rows = (g_MxD * w_M[:, None]).astype(rows_MxD.dtype)
