@@ -34,9 +34,9 @@ class GroupedMatmul(enum.Enum):
     PALLAS = "pallas"
 
 
-# Routed-expert paths with no FP8 form: ragged_dot, the reference loop, and the Pallas
-# grouped GEMM (its FP8 block-scaled variant is not written yet).
-FP8_UNSUPPORTED = (GroupedMatmul.RAGGED_DOT, GroupedMatmul.REFERENCE, GroupedMatmul.PALLAS)
+# Routed-expert paths with no FP8 form: ragged_dot and the reference loop (the Pallas path
+# has one: pallas_kernels/fp8_grouped_gemm.py).
+FP8_UNSUPPORTED = (GroupedMatmul.RAGGED_DOT, GroupedMatmul.REFERENCE)
 
 
 def _positive(obj, *names: str) -> None:
@@ -237,7 +237,7 @@ class ModelConfig:
         impl = None if self.moe is None else self.moe.grouped_matmul
         if self.fp8 is not None and impl in FP8_UNSUPPORTED:
             raise ValueError(
-                "ModelConfig.fp8 needs moe.grouped_matmul AUTO, TILED_SCAN or DENSE "
+                "ModelConfig.fp8 needs moe.grouped_matmul AUTO, TILED_SCAN, DENSE or PALLAS "
                 f"(FP8 routed experts run per expert tile); got {impl.name}"
             )
 

@@ -15,6 +15,8 @@ from model.config import FP8_UNSUPPORTED, FP8Config, GroupedMatmul, MoEConfig
 from model.layers import MLP, fp8_dot, partitioned_normal, swiglu
 from model.routing import expert_counts, route, sequence_balance_loss
 from pallas_kernels import moe_permute
+from pallas_kernels.fp8_grouped_gemm import BlockSizes as FP8GemmBlocks
+from pallas_kernels.fp8_grouped_gemm import fp8_grouped_gemm
 from pallas_kernels.grouped_gemm import grouped_gemm
 from sharding import expert_parallel
 
@@ -41,20 +43,20 @@ def routed_experts(
     every expert densely when that is cheaper (few tokens on CPU, see grouped_matmul.resolve).
 
     With fp8, the tiled scan and the dense path run V3's FP8 GEMMs per expert (jnp reference
-    GEMM); ragged_dot, REFERENCE and PALLAS have no FP8 form here (AUTO picks the tiled scan).
+    GEMM), PALLAS the FP8 grouped GEMM kernel; ragged_dot and REFERENCE have no FP8 form here
+    (AUTO picks the tiled scan).
     """
     E = w["wi_gate"].shape[0]
     impl = gmm.resolve(cfg.grouped_matmul, x_NxD.shape[0], E, fp8=fp8 is not None)
     if fp8 is not None and impl in FP8_UNSUPPORTED:
-        why = "the FP8 Pallas grouped GEMM is not written yet"
         raise ValueError(
-            f"FP8 routed experts need grouped_matmul AUTO, TILED_SCAN or DENSE, got {impl.name}"
-            + (f" ({why})" if impl is GroupedMatmul.PALLAS else "")
+            "FP8 routed experts need grouped_matmul AUTO, TILED_SCAN, DENSE or PALLAS, "
+            f"got {impl.name}"
         )
     if impl is GroupedMatmul.REFERENCE:
         return routed_experts_reference(x_NxD, experts_NxK, weights_NxK, w)
     if impl is GroupedMatmul.PALLAS:
-        return pallas_experts(x_NxD, experts_NxK, weights_NxK, w)
+        return pallas_experts(x_NxD, experts_NxK, weights_NxK, w, fp8=fp8, tile_rows=cfg.tile_rows)
     if impl is GroupedMatmul.DENSE:
         if fp8 is not None:
             return dense_experts_fp8(x_NxD, experts_NxK, weights_NxK, w, fp8)
@@ -122,17 +124,31 @@ def pallas_experts(
     weights_NxK: jax.Array,
     w: dict[str, jax.Array],
     interpret: bool | None = None,
+    fp8: FP8Config | None = None,
+    tile_rows: int | None = None,
 ) -> jax.Array:
     """routed_experts with the Pallas kernels: permute -> grouped GEMMs -> SwiGLU -> combine.
 
-    interpret (default: on CPU) runs the kernels in Pallas interpret mode."""
+    interpret (default: on CPU) runs the kernels in Pallas interpret mode. With fp8 the GEMMs
+    are fp8_grouped_gemm's; its Wgrad scales span one tile of rows, so the tile is the tiled
+    scan's (tile_rows, else choose_tile) and both compute the same quantization."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     E = w["wi_gate"].shape[0]
     rows_MxD, weights_M, group_sizes_E, indices = moe_permute.permute(
         x_NxD, experts_NxK, weights_NxK.astype(x_NxD.dtype), E, interpret=interpret
     )
-    gemm = functools.partial(grouped_gemm, group_sizes_E=group_sizes_E, interpret=interpret)
+    if fp8 is None:
+        gemm = functools.partial(grouped_gemm, group_sizes_E=group_sizes_E, interpret=interpret)
+    else:
+        tile = tile_rows or gmm.choose_tile(experts_NxK.size, E)
+        gemm = functools.partial(
+            fp8_grouped_gemm,
+            group_sizes_E=group_sizes_E,
+            pow2_scale=fp8.pow2_scale,
+            block_sizes=FP8GemmBlocks(block_m=tile),
+            interpret=interpret,
+        )
     h_MxF = jax.nn.silu(gemm(rows_MxD, w["wi_gate"])) * gemm(rows_MxD, w["wi_up"])
     return moe_permute.combine(gemm(h_MxF, w["wo"]), weights_M, indices, interpret=interpret)
 

@@ -6,6 +6,8 @@
   granularity (ModelConfig.fp8 switches it on for the attention and expert projections).
 - `moe_permute`: group token copies by expert (carrying top-k weights) and combine them back.
 - `grouped_gemm`: a matmul over expert-sorted rows, tiles of one expert each.
+- `fp8_grouped_gemm`: the same with V3's FP8 Fprop/Dgrad/Wgrad (the PALLAS MoE backend with
+  ModelConfig.fp8).
 - `moe_permute_tpu`, `grouped_gemm_tpu`: their TPU (Mosaic) builds, chosen on a TPU backend or
   with variant="tpu": scalar-prefetched expert choice and row DMAs (interpret-tested only).
 - `ep_dispatch`: expert-parallel all-to-all over remote DMA (TPU), the DeepEP idea.

@@ -25,8 +25,7 @@ Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, int
 - Backward (custom_vjp): dX is the same kernel with w transposed; dW[e] = X_e^T dY_e is a
   second kernel, one program per (expert, K tile, N tile), looping over that expert's row
   tiles (a dynamic trip count; zero for empty experts) with a float32 accumulator.
-FP8 block-scaled variant: not written yet (see the issue); `pallas_kernels.fp8` would supply
-the per-row 1x128 activation scales and per-expert 128x128 weight-block scales.
+FP8 block-scaled variant (all three GEMMs in FP8, same tiles): pallas_kernels/fp8_grouped_gemm.py
 """
 
 from __future__ import annotations

@@ -11,13 +11,19 @@ same run):
   ragged_dot      jax.lax.ragged_dot over expert-sorted rows (random group sizes; bf16, f32
                   on CPU)
   grouped pallas  pallas_kernels.grouped_gemm.grouped_gemm on the same rows (accelerators only)
+  fp8 grp xla     pallas_kernels.fp8_grouped_gemm.fp8_grouped_gemm_fprop_reference: the FP8
+                  grouped Fprop (rows per 1x128, experts per 128x128) on given codes, in XLA
+  fp8 grp pallas  pallas_kernels.fp8_grouped_gemm.fp8_grouped_gemm_fprop on the same codes
+                  (accelerators only)
+  fp8 grp +quant  fp8_grouped_gemm's forward including the per-call quantization of the rows
+                  and of every expert's weights (accelerators only)
 
 On a GPU or TPU it runs V3's shapes (m = 4096 tokens; (n, k) in (7168, 2048), (2048, 7168),
 (18432, 7168), (7168, 18432); 256 experts for the grouped rows, k = 7168, n = 2048); the
 targets of issue 7 are >= 1000 TFLOP/s for the FP8 dense GEMM on an H200 (DeepGEMM: ~1350-1550
-on H800) and the grouped GEMM within 80% of the dense one. On CPU there is no accelerator:
-Pallas only runs interpreted there (which measures the interpreter), so only the XLA rows run,
-at small shapes, and the script says so.
+on H800; its grouped FP8 GEMM ~1100-1300) and the grouped GEMM within 80% of the dense one.
+On CPU there is no accelerator: Pallas only runs interpreted there (which measures the
+interpreter), so only the XLA rows run, at small shapes, and the script says so.
 
 Expected runtime: ~1 min on the 2-core CPU; a few minutes on an accelerator.
 Not yet measured on an accelerator (no GPU was lent when this was written).
@@ -36,6 +42,12 @@ import numpy as np
 
 from pallas_kernels.fp8 import quantize_blocks, quantize_rows
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
+from pallas_kernels.fp8_grouped_gemm import (
+    fp8_grouped_gemm,
+    fp8_grouped_gemm_fprop,
+    fp8_grouped_gemm_fprop_reference,
+    quantize_weights,
+)
 
 V3_DENSE = [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 18432, 7168), (4096, 7168, 18432)]
 V3_GROUPED = (4096 * 8, 7168, 2048, 256)  # routed rows (tokens x top-8), k, n, experts
@@ -106,6 +118,17 @@ def bench_grouped(rows: int, k: int, n: int, experts: int, accelerator: bool, re
         kernel = lambda x, w, g: grouped_gemm(x, w, g, out_dtype=jnp.float32)
         t = _seconds(kernel, x, w, group_sizes, repeats=repeats)
         lines.append(_row("grouped pallas", flops, t, base))
+    x_q, x_s = quantize_rows(x)
+    w_q, w_s = quantize_weights(w)
+    codes = (x_q, x_s, w_q, w_s, group_sizes)
+    ref = jax.jit(lambda *a: fp8_grouped_gemm_fprop_reference(*a, out_dtype=jnp.bfloat16))
+    lines.append(_row("fp8 grp xla", flops, _seconds(ref, *codes, repeats=repeats), base))
+    if accelerator:
+        t = _seconds(fp8_grouped_gemm_fprop, *codes, repeats=repeats)
+        lines.append(_row("fp8 grp pallas", flops, t, base))
+        full = lambda x, w, g: fp8_grouped_gemm(x, w, g, out_dtype=jnp.bfloat16)
+        t = _seconds(full, x, w, group_sizes, repeats=repeats)
+        lines.append(_row("fp8 grp +quant", flops, t, base))
     return lines
 
 
