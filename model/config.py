@@ -170,13 +170,14 @@ class FP8Config:
     """V3's FP8 GEMMs (pallas_kernels/fp8_linear.py) for the FFN and attention projections.
 
     On: MLA's q/kv down- and up-projections and output projection, the dense and shared
-    experts' MLPs, the routed experts (tiled-scan or dense grouped matmul). Kept in the
+    experts' MLPs, the routed experts (tiled-scan, dense or Pallas grouped matmul). Kept in the
     compute dtype, as in V3: embedding, output head, router, norms, the attention core
     (scores, softmax, weighted sum), MTP's eh_proj, and decode's absorbed attention.
     """
 
-    # The Pallas fp8_gemm (interpreted on CPU, slow) instead of the jnp reference. The
-    # routed experts' grouped matmul always uses the reference GEMM per expert tile.
+    # The Pallas fp8_gemm (interpreted on CPU, slow) instead of the jnp reference for the
+    # dense projections. The routed experts follow moe.grouped_matmul: PALLAS runs
+    # pallas_kernels/fp8_grouped_gemm.py, TILED_SCAN / DENSE the reference GEMM per tile.
     use_kernel: bool = False
     pow2_scale: bool = False  # round each scale up to a power of two
 
