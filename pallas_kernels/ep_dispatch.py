@@ -6,6 +6,9 @@ Called inside `shard_map` over the expert mesh axis (size P). Every device holds
 device i. That is `jax.lax.all_to_all(x, axis, 0, 0, tiled=True)` (`ep_all_to_all_reference`),
 the padded exchange `sharding/expert_parallel.py` runs on CPU, and it is its own transpose:
 combine is the same exchange applied to the experts' outputs, and so is the gradient.
+Every block moves whole (capacity C, mostly empty rows); `ep_dispatch_ragged.py` moves only
+the used rows. The MoE layer runs this kernel under ParallelConfig.ep_exchange=remote_dma
+(EPExchange.REMOTE_DMA; the ragged one is remote_dma_ragged).
 
     dispatch: token copies -> [P, M, D] by owner device -> exchange -> the owner's experts
     combine:  expert outputs [P, M, D] -> exchange -> back in the sender's slots -> weighted sum

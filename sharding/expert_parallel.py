@@ -7,22 +7,37 @@ logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and up) it runs
 `routed_experts_ep`:
 
   1. each device groups its token copies by destination (owner = expert // experts_per_device)
-  2. all_to_all over the expert axis delivers them; the owner runs its local experts
-  3. all_to_all back, then each token sums its top-k outputs with its routing weights
+  2. an exchange over the expert axis delivers them; the owner runs its local experts
+  3. the reverse exchange, then each token sums its top-k outputs with its routing weights
 
 No token is dropped: every receive buffer has room for all copies of every device, so it
-holds expert-axis-size x a device's copies, mostly empty. On GPU/TPU only the real rows travel
-(`ragged_all_to_all`); on CPU, where that collective is not implemented, padded blocks go
-through `all_to_all` (the ragged path runs there too, over an emulation of the collective,
-so tests check its offsets).
+holds expert-axis-size x a device's copies, mostly empty. The exchange (`EPExchange`, chosen
+by ParallelConfig.ep_exchange and made current by Parallel.activate(), or `use_exchange`):
+
+  ALL_TO_ALL         padded blocks through `lax.all_to_all` (every block moves whole)
+  RAGGED_ALL_TO_ALL  only the real rows, `lax.ragged_all_to_all`; on CPU, where that
+                     collective is not implemented, an emulation over all_to_all (so tests
+                     check its offsets)
+  REMOTE_DMA         the padded exchange as a Pallas TPU kernel over remote DMA
+                     (pallas_kernels/ep_dispatch.py)
+  REMOTE_DMA_RAGGED  the kernel moving only the used rows, in chunks of RAGGED_CHUNK_ROWS
+                     (pallas_kernels/ep_dispatch_ragged.py)
+  AUTO               RAGGED_ALL_TO_ALL on GPU/TPU, ALL_TO_ALL on CPU
+
+The remote-DMA kernels are Mosaic TPU kernels: compiled on TPU, run by the TPU interpreter on
+CPU (slow; for tests), an error on GPU. Every exchange gives the same values and gradients.
+The choice is read when the layer is traced: a function jitted under one exchange keeps it.
 Routing, and so the expert counts the bias update reads, is computed on the global batch
 outside, by GSPMD.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import enum
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -32,6 +47,53 @@ from jax.sharding import PartitionSpec as P
 
 EXPERTS = "exp"
 BATCH = "activation_batch"
+
+# Rows per DMA of REMOTE_DMA_RAGGED (capped at the block size): a multiple of the TPU sublane
+# tiling of 32-, 16- and 8-bit dtypes (8, 16, 32 rows), so chunks start on tile boundaries,
+# and at most 31 rows past a block's count travel with it.
+RAGGED_CHUNK_ROWS = 32
+
+
+class EPExchange(enum.Enum):
+    """How token copies travel to their experts' devices and back (see the module doc)."""
+
+    AUTO = "auto"
+    ALL_TO_ALL = "all_to_all"
+    RAGGED_ALL_TO_ALL = "ragged_all_to_all"
+    REMOTE_DMA = "remote_dma"
+    REMOTE_DMA_RAGGED = "remote_dma_ragged"
+
+
+_REMOTE_DMA = (EPExchange.REMOTE_DMA, EPExchange.REMOTE_DMA_RAGGED)
+_CURRENT_EXCHANGE = contextvars.ContextVar("ep_exchange", default=EPExchange.AUTO)
+
+
+@contextlib.contextmanager
+def use_exchange(exchange: EPExchange) -> Iterator[EPExchange]:
+    """The exchange `routed_experts` traces in here (Parallel.activate() enters this)."""
+    if not isinstance(exchange, EPExchange):
+        raise ValueError(f"ep_exchange must be an EPExchange, got {exchange!r}")
+    token = _CURRENT_EXCHANGE.set(exchange)
+    try:
+        yield exchange
+    finally:
+        _CURRENT_EXCHANGE.reset(token)
+
+
+def resolve_exchange(exchange: EPExchange | None = None) -> EPExchange:
+    """The concrete exchange for this backend: None is the current one, AUTO picks
+    RAGGED_ALL_TO_ALL on GPU/TPU and ALL_TO_ALL on CPU; remote DMA on GPU is an error."""
+    exchange = _CURRENT_EXCHANGE.get() if exchange is None else exchange
+    backend = jax.default_backend()
+    if exchange is EPExchange.AUTO:
+        return EPExchange.ALL_TO_ALL if backend == "cpu" else EPExchange.RAGGED_ALL_TO_ALL
+    if exchange in _REMOTE_DMA and backend not in ("cpu", "tpu"):
+        raise ValueError(
+            f"ep_exchange={exchange.value}: the remote-DMA kernels are Mosaic TPU kernels (run "
+            f"compiled on TPU, interpreted on CPU), not available on {backend}; use "
+            "auto, all_to_all or ragged_all_to_all"
+        )
+    return exchange
 
 
 def _rule(logical: str) -> tuple[str, ...]:
@@ -93,15 +155,51 @@ def pack_by_destination(
     return send_x, send_e, Layout(dest_M, slot_M)
 
 
-def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis):
+def _block_exchanges(
+    exchange: EPExchange, axis: str, send_counts_P: jax.Array, capacity: int
+) -> tuple[Callable, Callable]:
+    """(there, back): the exchange of the [P, M, ...] send buffers and the one that returns the
+    experts' outputs, for the exchanges with a padded receive layout."""
+    if exchange is EPExchange.ALL_TO_ALL:
+        there = functools.partial(_exchange, axis=axis)
+        return there, there
+    # Imported here: the kernels import this module (pack_by_destination, Layout).
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.ep_dispatch import ep_all_to_all
+    from pallas_kernels.ep_dispatch_ragged import ep_ragged_all_to_all, exchange_counts
+
+    interpret = pltpu.InterpretParams() if jax.default_backend() == "cpu" else False
+    if exchange is EPExchange.REMOTE_DMA:
+        there = functools.partial(ep_all_to_all, axis_name=axis, interpret=interpret)
+        return there, there
+    assert exchange is EPExchange.REMOTE_DMA_RAGGED, exchange
+    recv_counts_P = exchange_counts(send_counts_P, axis_name=axis)
+    ragged = functools.partial(
+        ep_ragged_all_to_all,
+        axis_name=axis,
+        chunk=min(RAGGED_CHUNK_ROWS, capacity),
+        interpret=interpret,
+    )
+    # Back: every device returns exactly the rows it received.
+    return (
+        lambda buf: ragged(buf, send_counts_P, recv_counts_P),
+        lambda buf: ragged(buf, recv_counts_P, send_counts_P),
+    )
+
+
+def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis, exchange):
     ep = jax.lax.axis_size(axis)
     n, K = experts_nxK.shape
     M = n * K
     E_local = w["wi_gate"].shape[0]
     send_x, send_expert, layout = pack_by_destination(x_nxD, experts_nxK, E_local, ep)
-    recv_x, recv_expert = _exchange(send_x, axis), _exchange(send_expert, axis)
+    send_counts_P = jnp.bincount(layout.dest_M, length=ep).astype(jnp.int32)
+    there, back = _block_exchanges(exchange, axis, send_counts_P, M)
+    recv_x, recv_expert = there(send_x), there(send_expert)
 
-    # Empty slots hold zeros for expert 0: SwiGLU(0) = 0 and nobody reads them back.
+    # Empty slots hold zeros for expert 0 (the ragged kernel zeroes the rows past its counts):
+    # SwiGLU(0) = 0 and nobody reads them back.
     rows = ep * M
     y_RxD = local_experts(
         recv_x.reshape(rows, -1),
@@ -109,8 +207,8 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
         jnp.ones((rows, 1), weights_nxK.dtype),
         w,
     )
-    back = _exchange(y_RxD.reshape(ep, M, -1), axis)
-    y_nxKxD = back[layout.dest_M, layout.slot_M].reshape(n, K, -1)
+    y_back = back(y_RxD.reshape(ep, M, -1))
+    y_nxKxD = y_back[layout.dest_M, layout.slot_M].reshape(n, K, -1)
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
 
 
@@ -223,17 +321,18 @@ def routed_experts_ep(
     w: dict[str, jax.Array],
     local_experts: Callable,
     axis: str,
-    ragged: bool | None = None,
+    exchange: EPExchange | None = None,
 ) -> jax.Array:
     """sum_k weight_k * Expert_k(x) with experts split over `axis` (see the module doc).
 
-    `local_experts(x, experts, weights, w_local)` computes a device's own experts. ragged
-    (default: on GPU/TPU) exchanges only the real rows with `ragged_all_to_all`; otherwise
-    padded blocks go through `all_to_all` (CPU, where the ragged collective does not exist).
+    `local_experts(x, experts, weights, w_local)` computes a device's own experts. exchange
+    (default: the current one, see `use_exchange`) says how token copies travel.
     """
-    if ragged is None:
-        ragged = jax.default_backend() != "cpu"
-    dispatch = _dispatch_ragged if ragged else _dispatch_compute_combine
+    exchange = resolve_exchange(exchange)
+    if exchange is EPExchange.RAGGED_ALL_TO_ALL:
+        dispatch = _dispatch_ragged
+    else:
+        dispatch = functools.partial(_dispatch_compute_combine, exchange=exchange)
     mesh = jax.sharding.get_abstract_mesh()
     E, ep = w["wi_gate"].shape[0], mesh.shape[axis]
     if E % ep:

@@ -1,6 +1,7 @@
-"""The remote-DMA exchange of pallas_kernels/ep_dispatch.py, interpreted on 8 host devices,
-moves exactly what `jax.lax.all_to_all` moves (run by tests/test_ep_dispatch.py; skipped in a
-process with fewer devices)."""
+"""The remote-DMA exchanges of pallas_kernels/ep_dispatch.py (padded) and ep_dispatch_ragged.py,
+interpreted on 8 host devices, move exactly what `jax.lax.all_to_all` moves, and a MoE layer
+gives the same values and gradients under every EPExchange (run by tests/test_ep_dispatch.py;
+skipped in a process with fewer devices)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from pallas_kernels.ep_dispatch import (
     ep_all_to_all,
     ep_all_to_all_reference,
 )
-from sharding.expert_parallel import routed_experts_ep
+from pallas_kernels.ep_dispatch_ragged import (
+    ep_ragged_all_to_all,
+    ep_ragged_all_to_all_reference,
+    exchange_counts,
+)
+from sharding.expert_parallel import EPExchange, routed_experts_ep
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices: run through tests/test_ep_dispatch.py"
@@ -149,7 +155,7 @@ def _moe_kernel(x, experts, weights, w, mesh, axis):
 
 
 def _moe_shard_map(x, experts, weights, w, mesh, axis):
-    return routed_experts_ep(x, experts, weights, w, _local_experts, axis, ragged=False)
+    return routed_experts_ep(x, experts, weights, w, _local_experts, axis, EPExchange.ALL_TO_ALL)
 
 
 def _dense(x, experts, weights, w):
@@ -182,12 +188,188 @@ def test_moe_dispatch_combine_matches_shard_map_path(shape, names):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-def test_lowers_to_a_mosaic_tpu_kernel():
+@pytest.mark.parametrize("ragged", [False, True], ids=["padded", "ragged"])
+def test_lowers_to_a_mosaic_tpu_kernel(ragged):
     # No TPU here: this checks Pallas -> Mosaic lowering (barrier, MESH device ids over one
-    # axis of a 2-D mesh, remote DMAs), not the TPU compiler or the hardware.
+    # axis of a 2-D mesh, remote DMAs; ragged: scalar-prefetched counts, dynamic chunk loops),
+    # not the TPU compiler or the hardware.
     mesh = jax.make_mesh((2, 4), ("data", "expert"))
     spec = P(("data", "expert"))
-    fn = functools.partial(ep_all_to_all, axis_name="expert", interpret=False)
-    x = jax.ShapeDtypeStruct((32, 16, 128), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
-    lowered = _sharded(fn, mesh, spec).trace(x).lower(lowering_platforms=("tpu",))
-    assert "tpu_custom_call" in lowered.as_text()
+    x = jax.ShapeDtypeStruct((32, 256, 128), jnp.bfloat16, sharding=NamedSharding(mesh, spec))
+    counts = jax.ShapeDtypeStruct((8, 4), jnp.int32, sharding=NamedSharding(mesh, spec))
+    if ragged:
+        fn = functools.partial(_ragged, axis="expert", chunk=32, interpret=False)
+        specs = dict(mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+        fn = jax.jit(jax.shard_map(fn, **specs))
+        traced = fn.trace(x, counts)
+    else:
+        fn = functools.partial(ep_all_to_all, axis_name="expert", interpret=False)
+        traced = _sharded(fn, mesh, spec).trace(x)
+    assert "tpu_custom_call" in traced.lower(lowering_platforms=("tpu",)).as_text()
+
+
+# -- the ragged exchange: only the used rows travel, in chunks ------------------------------
+
+
+def _ragged(x, counts, axis, chunk, interpret=INTERPRET):
+    send = counts[0]
+    recv = exchange_counts(send, axis_name=axis)
+    return ep_ragged_all_to_all(
+        x, send, recv, axis_name=axis, chunk=chunk, interpret=interpret
+    )  # fmt: skip
+
+
+def _ragged_reference(x, counts, axis):
+    return ep_ragged_all_to_all_reference(x, counts[0], axis_name=axis)
+
+
+def _counts(key, ep, capacity):
+    """[8, ep]: row d holds device d's rows per destination, with empty and full blocks."""
+    counts = jax.random.randint(key, (8, ep), 0, capacity + 1)
+    return counts.at[0, 1].set(0).at[1, 0].set(capacity).at[2].set(0).at[3].set(capacity)
+
+
+@pytest.mark.parametrize(
+    "name,dtype,tail,chunk",
+    [
+        ("1d-8", jnp.float32, (3, 5), 4),
+        ("2x4-over-4", jnp.float32, (3, 5), 4),
+        ("2x4-over-4", jnp.bfloat16, (4,), 3),
+        ("1d-8", jnp.int32, (), 5),
+    ],
+)
+def test_ragged_exchange_equals_all_to_all_on_the_used_rows(name, dtype, tail, chunk):
+    shape, names, axis = MESHES[name]
+    mesh = jax.make_mesh(shape, names)
+    spec = P(names)
+    ep, C = mesh.shape[axis], 10  # chunk 3 and 4 leave a partial last chunk, 5 does not
+    # No zeros in the send buffer: rows past a count must not leak through.
+    x = jax.random.randint(jax.random.key(0), (8 * ep, C, *tail), 1, 1000).astype(dtype)
+    counts = _counts(jax.random.key(1), ep, C)
+    x, counts = _put(x, mesh, spec), _put(counts, mesh, spec)
+    specs = dict(mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+    got = jax.jit(jax.shard_map(functools.partial(_ragged, axis=axis, chunk=chunk), **specs))
+    got = np.asarray(got(x, counts))
+    full = np.asarray(_sharded(functools.partial(_reference, axis=axis), mesh, spec)(x))
+    want = jax.jit(jax.shard_map(functools.partial(_ragged_reference, axis=axis), **specs))
+    np.testing.assert_array_equal(got, np.asarray(want(x, counts)))
+    # Against plain all_to_all: on device d (position d % ep of its group), block src holds
+    # the first counts[src's device][d % ep] rows of plain all_to_all, then zeros.
+    c = np.asarray(counts)
+    for d in range(8):
+        group = d - d % ep
+        for src in range(ep):
+            n, block = c[group + src, d % ep], d * ep + src
+            np.testing.assert_array_equal(got[block, :n], full[block, :n])
+            assert (got[block, n:] == 0).all()
+    assert got.dtype == dtype
+
+
+def test_ragged_gradient_is_the_reverse_ragged_exchange():
+    mesh = jax.make_mesh((2, 4), ("data", "expert"))
+    spec = P(("data", "expert"))
+    x = _put(jax.random.normal(jax.random.key(1), (32, 9, 8)), mesh, spec)
+    w = _put(jax.random.normal(jax.random.key(2), (32, 9, 8)), mesh, spec)
+    counts = _put(_counts(jax.random.key(3), 4, 9), mesh, spec)
+
+    def loss(exchange, x, w, counts):
+        return jnp.sum(w * exchange(x, counts) ** 2)
+
+    def grads(exchange):
+        fn = jax.shard_map(
+            jax.value_and_grad(functools.partial(loss, exchange)),
+            mesh=mesh, in_specs=(spec, spec, spec), out_specs=(P(), spec), check_vma=False,
+        )  # fmt: skip
+        return jax.jit(fn)(x, w, counts)
+
+    kernel = functools.partial(_ragged, axis="expert", chunk=4)
+    (l_got, g_got), (l_want, g_want) = (
+        grads(kernel),
+        grads(functools.partial(_ragged_reference, axis="expert")),
+    )
+    np.testing.assert_array_equal(np.asarray(g_got), np.asarray(g_want))
+    np.testing.assert_array_equal(np.asarray(l_got), np.asarray(l_want))
+
+
+@pytest.mark.parametrize("mode", ["eager", "on_wait"])
+def test_ragged_no_races_and_semaphores_end_at_zero(mode, capfd):
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+
+    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode)
+    mesh = jax.make_mesh((8,), ("expert",))
+    spec = P("expert")
+    x = _put(jnp.arange(64 * 6 * 2, dtype=jnp.float32).reshape(64, 6, 2) + 1, mesh, spec)
+    counts = _put(_counts(jax.random.key(4), 8, 6), mesh, spec)
+    specs = dict(mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
+    fn = functools.partial(_ragged, axis="expert", chunk=4, interpret=params)
+    got = jax.jit(jax.shard_map(fn, **specs))(x, counts)
+    want = jax.jit(jax.shard_map(functools.partial(_ragged_reference, axis="expert"), **specs))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want(x, counts)))
+    assert not tpu_interpret.races.races_found
+    # The interpreter prints (does not raise) when a semaphore is left non-zero at kernel exit:
+    # a wait count that does not match the bytes sent.
+    assert "non-zero count" not in capfd.readouterr().out
+
+
+# -- the MoE layer under every exchange ----------------------------------------------------
+
+
+def _moe_layer_run(exchange, router_bias):
+    """(output, gradients w.r.t. params and input) of one MoE layer under Parallel.activate()
+    with fsdp=2 x expert=4 and `exchange`: the layer reads it from the context."""
+    from model.config import GroupedMatmul, MoEConfig
+    from model.moe import MoE
+    from sharding.mesh import ParallelConfig, make_parallel
+    from sharding.rules import Rules
+
+    cfg = MoEConfig(
+        num_experts=8,
+        num_shared_experts=0,
+        top_k=2,
+        expert_dim=12,
+        grouped_matmul=GroupedMatmul.DENSE,
+    )
+    layer = MoE(cfg, init_std=0.3)
+    x = jax.random.normal(jax.random.key(5), (4, 64, 16))  # 256 tokens: 64 copies per device
+    variables = layer.init(jax.random.key(6), x)
+    variables = {**variables, "router_bias": {"router": {"bias": router_bias}}}
+    parallel = make_parallel(
+        ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP, ep_exchange=exchange)
+    )
+
+    def loss(params, x):
+        out, _ = layer.apply({**variables, "params": params}, x)
+        return jnp.sum(jnp.sin(out)), out
+
+    # A new function per exchange: the exchange is read at trace time, not a jit cache key.
+    def run(params, x):
+        return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+
+    with parallel.activate():
+        (_, out), grads = jax.jit(run)(variables["params"], x)
+    return out, grads
+
+
+ROUTER_BIASES = {
+    "random": jnp.zeros(8),
+    "all-to-device-0": jnp.zeros(8).at[:2].set(100.0),  # full blocks: 2 chunks of 32 rows
+}
+
+
+@functools.cache
+def _moe_all_to_all(routing):
+    return _moe_layer_run(EPExchange.ALL_TO_ALL, ROUTER_BIASES[routing])
+
+
+@pytest.mark.parametrize("routing", list(ROUTER_BIASES))
+@pytest.mark.parametrize(
+    "exchange",
+    [EPExchange.RAGGED_ALL_TO_ALL, EPExchange.REMOTE_DMA, EPExchange.REMOTE_DMA_RAGGED],
+    ids=lambda e: e.value,
+)
+def test_moe_layer_is_the_same_under_every_exchange(exchange, routing):
+    got, got_grads = _moe_layer_run(exchange, ROUTER_BIASES[routing])
+    want, want_grads = _moe_all_to_all(routing)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)

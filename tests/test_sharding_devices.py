@@ -180,7 +180,7 @@ def test_expert_parallel_dispatch_equals_reference(ragged, routing):
     ragged path runs over the CPU emulation of ragged_all_to_all (its offsets are checked)."""
     from model.config import GroupedMatmul, MoEConfig
     from model.moe import routed_experts, routed_experts_reference
-    from sharding.expert_parallel import routed_experts_ep
+    from sharding.expert_parallel import EPExchange, routed_experts_ep
 
     N, D, F, E, K = 64, 16, 12, 8, 2
     keys = jax.random.split(jax.random.key(7), 5)
@@ -204,7 +204,8 @@ def test_expert_parallel_dispatch_equals_reference(ragged, routing):
         return jnp.sum(jnp.sin(fn(x, experts, weights, w)))
 
     def ep(x, experts, weights, w):
-        return routed_experts_ep(x, experts, weights, w, local, "expert", ragged=ragged)
+        exchange = EPExchange.RAGGED_ALL_TO_ALL if ragged else EPExchange.ALL_TO_ALL
+        return routed_experts_ep(x, experts, weights, w, local, "expert", exchange)
 
     want = routed_experts_reference(x, experts, weights, w)
     want_grads = jax.grad(functools.partial(loss, routed_experts_reference), (0, 1, 2))(
