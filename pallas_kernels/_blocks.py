@@ -36,3 +36,18 @@ def kernel_variant(variant: str) -> str:
     if variant == "auto":
         return "tpu" if jax.default_backend() == "tpu" else "generic"
     return variant
+
+
+def generic_compiler_params():
+    """Compiler params of the generic builds: Triton on a GPU backend, None elsewhere.
+
+    The generic kernels are written for Triton's model (independent programs, blocks picked
+    inside the kernel, power-of-two array shapes). jax >= 0.10 lowers a GPU pallas_call
+    without compiler params through Mosaic GPU, which rejects them (e.g. a 16-byte stride
+    rule on small scale arrays), so on GPU they ask for Triton explicitly; on TPU and in
+    interpret mode the default applies (Triton params cannot lower for TPU)."""
+    if jax.default_backend() == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams()
+    return None

@@ -41,7 +41,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import cdiv, check_positive_fields, round_up
+from pallas_kernels._blocks import (
+    cdiv,
+    check_positive_fields,
+    generic_compiler_params,
+    round_up,
+)
 from pallas_kernels.fp8 import FP8_DTYPE, quantize_blocks, quantize_rows
 
 
@@ -107,11 +112,15 @@ def _feed_fp8_to_dot(interpret: bool) -> bool:
     return device.platform == "gpu" and capability is not None and float(capability) >= 8.9
 
 
-def _kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, num_k_blocks: int, block_k: int, upcast):
+def _kernel(
+    a_ref, sa_ref, b_ref, sb_ref, o_ref, *, num_k_blocks: int, block_k: int, upcast, b_index=()
+):
     """One (block_m, block_n) output tile: loop over K blocks, scale each partial, add in f32.
 
     a_ref (bm, K) e4m3, sa_ref (bm, Kb') f32, b_ref (K, bn) e4m3, sb_ref (Kb', bn) f32 (B's
     scales per column), o_ref (bm, bn). Kb' >= num_k_blocks (padded to a power of two).
+    b_index: leading indices into b_ref / sb_ref (the grouped GEMM's expert), applied in the
+    same indexer as the K slice (Triton's lowering takes one indexer per load).
     """
     sa_all = sa_ref[...]
     block_ids = lax.broadcasted_iota(jnp.int32, sa_all.shape, 1)
@@ -119,12 +128,12 @@ def _kernel(a_ref, sa_ref, b_ref, sb_ref, o_ref, *, num_k_blocks: int, block_k: 
     def body(kb, acc):
         start = pl.multiple_of(kb * block_k, block_k)
         a = a_ref[:, pl.ds(start, block_k)]
-        b = b_ref[pl.ds(start, block_k), :]
+        b = b_ref[(*b_index, pl.ds(start, block_k), slice(None))]
         if upcast is not None:
             a, b = a.astype(upcast), b.astype(upcast)
         partial = jnp.dot(a, b, preferred_element_type=jnp.float32)
         sa = jnp.sum(jnp.where(block_ids == kb, sa_all, 0.0), axis=1, keepdims=True)
-        sb = sb_ref[pl.ds(kb, 1), :]
+        sb = sb_ref[(*b_index, pl.ds(kb, 1), slice(None))]
         return acc + (partial * sa) * sb
 
     acc = lax.fori_loop(0, num_k_blocks, body, jnp.zeros(o_ref.shape, jnp.float32))
@@ -178,6 +187,7 @@ def fp8_gemm(
             pl.BlockSpec((kb_pad, bs.block_n), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
     )(a, sa, b, sb_cols)
     return out[:m, :n]

@@ -59,7 +59,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import cdiv, check_positive_fields, round_up
+from pallas_kernels._blocks import (
+    cdiv,
+    check_positive_fields,
+    generic_compiler_params,
+    round_up,
+)
 from pallas_kernels.fp8 import FP8_DTYPE, quantize_blocks, quantize_rows
 from pallas_kernels.fp8_gemm import _feed_fp8_to_dot
 from pallas_kernels.fp8_gemm import _kernel as _fp8_block_loop
@@ -136,12 +141,13 @@ def _fp8_gmm_kernel(te_ref, used_ref, x_ref, sx_ref, w_ref, sw_ref, o_ref, *, nu
         _fp8_block_loop(
             x_ref,
             sx_ref,
-            w_ref.at[e],
-            sw_ref.at[e],
+            w_ref,
+            sw_ref,
             o_ref,
             num_k_blocks=num_k_blocks,
             block_k=QBLOCK,
             upcast=upcast,
+            b_index=(e,),
         )
 
     @pl.when(pl.program_id(0) >= used_ref[0])
@@ -180,6 +186,7 @@ def _fp8_gmm_call(x_q, x_s, w_q, w_s, layout: TileLayout, bs: BlockSizes, out_dt
             pl.BlockSpec((e, kb_pad, bs.block_n), lambda i, j: (0, 0, j)),
         ],
         out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
     )(layout.tile_expert, layout.used_tiles, x, sx, w, sw)
     return out[:, :n]
@@ -237,6 +244,7 @@ def _fp8_tgmm_call(x_q, x_s, dy_q, dy_s, layout: TileLayout, num_experts, bs, in
             pl.BlockSpec((p // rows, bs.block_n), lambda g, i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((None, bs.block_k, bs.block_n), lambda g, i, j: (g, i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
     )(layout.tile_start_E * per_tile, layout.tile_count_E * per_tile, x, sx, dy, sdy)
     return out[:, :k, :n]

@@ -21,7 +21,10 @@ Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, int
   TPU it would hold E x K x block_n in VMEM. The TPU build, pallas_kernels/grouped_gemm_tpu.py
   (variant="tpu", the default on a TPU backend; interpret-tested only), picks the expert in a
   scalar-prefetched index_map and tiles K.
-- Full-K panels per program with float32 accumulation (as pallas_kernels/fp8_gemm.py).
+- Full-K panels per program, consumed in block_k-wide slices (a fori_loop) with float32
+  accumulation: Triton, which the generic build targets on GPU (`generic_compiler_params`),
+  lowers only power-of-two operand shapes, so K is zero-padded to a block_k multiple and no
+  dot ever sees the whole (e.g. 7168-wide) K. Block sizes must be powers of two on GPU.
 - Backward (custom_vjp): dX is the same kernel with w transposed; dW[e] = X_e^T dY_e is a
   second kernel, one program per (expert, K tile, N tile), looping over that expert's row
   tiles (a dynamic trip count; zero for empty experts) with a float32 accumulator.
@@ -39,7 +42,13 @@ from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import cdiv, check_positive_fields, kernel_variant, round_up
+from pallas_kernels._blocks import (
+    cdiv,
+    check_positive_fields,
+    generic_compiler_params,
+    kernel_variant,
+    round_up,
+)
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -128,17 +137,26 @@ def _from_buffer(x_PxC: jax.Array, layout: TileLayout) -> jax.Array:
     return jnp.take(x_PxC, layout.dest_M, axis=0, mode="fill", fill_value=0)
 
 
-def _gmm_kernel(te_ref, used_ref, x_ref, w_ref, o_ref):
-    """One (block_m, block_n) output tile: the tile's rows times its expert's weights.
+def _gmm_kernel(te_ref, used_ref, x_ref, w_ref, o_ref, *, block_k: int):
+    """One (block_m, block_n) output tile: the tile's rows times its expert's weights, summed
+    over block_k-wide K slices in float32 (Triton needs power-of-two operand shapes, and
+    V3's K = 7168 is not one).
 
     te_ref (1,) int32 expert of this tile, used_ref (1,) int32, x_ref (bm, K),
-    w_ref (E, K, bn), o_ref (bm, bn).
+    w_ref (E, K, bn), o_ref (bm, bn); K a multiple of block_k.
     """
 
     @pl.when(pl.program_id(0) < used_ref[0])
     def _():
-        w = w_ref[te_ref[0]]
-        o_ref[...] = jnp.dot(x_ref[...], w, preferred_element_type=jnp.float32).astype(o_ref.dtype)
+        e = te_ref[0]
+
+        def body(kb, acc):
+            ks = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
+            return acc + jnp.dot(x_ref[:, ks], w_ref[e, ks, :], preferred_element_type=jnp.float32)
+
+        num_k = x_ref.shape[1] // block_k
+        acc = lax.fori_loop(0, num_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
 
     @pl.when(pl.program_id(0) >= used_ref[0])
     def _():
@@ -146,24 +164,27 @@ def _gmm_kernel(te_ref, used_ref, x_ref, w_ref, o_ref):
 
 
 def _gmm_call(x_PxK, w_ExKxN, layout: TileLayout, bs: BlockSizes, out_dtype, interpret):
-    """Tile-padded buffer [P, K] x [E, K, N] -> [P, N] (N padded to block_n inside)."""
+    """Tile-padded buffer [P, K] x [E, K, N] -> [P, N] (K and N zero-padded to block_k and
+    block_n multiples inside)."""
     p, k = x_PxK.shape
     e, _, n = w_ExKxN.shape
-    n_pad = round_up(n, bs.block_n)
-    w = jnp.pad(w_ExKxN, ((0, 0), (0, 0), (0, n_pad - n)))
+    k_pad, n_pad = round_up(k, bs.block_k), round_up(n, bs.block_n)
+    x = jnp.pad(x_PxK, ((0, 0), (0, k_pad - k)))
+    w = jnp.pad(w_ExKxN, ((0, 0), (0, k_pad - k), (0, n_pad - n)))
     out = pl.pallas_call(
-        _gmm_kernel,
+        functools.partial(_gmm_kernel, block_k=bs.block_k),
         out_shape=jax.ShapeDtypeStruct((p, n_pad), out_dtype),
         grid=(p // bs.block_m, n_pad // bs.block_n),
         in_specs=[
             pl.BlockSpec((1,), lambda i, j: (i,)),
             pl.BlockSpec((1,), lambda i, j: (0,)),
-            pl.BlockSpec((bs.block_m, k), lambda i, j: (i, 0)),
-            pl.BlockSpec((e, k, bs.block_n), lambda i, j: (0, 0, j)),
+            pl.BlockSpec((bs.block_m, k_pad), lambda i, j: (i, 0)),
+            pl.BlockSpec((e, k_pad, bs.block_n), lambda i, j: (0, 0, j)),
         ],
         out_specs=pl.BlockSpec((bs.block_m, bs.block_n), lambda i, j: (i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
-    )(layout.tile_expert, layout.used_tiles, x_PxK, w)
+    )(layout.tile_expert, layout.used_tiles, x, w)
     return out[:, :n]
 
 
@@ -203,6 +224,7 @@ def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, num_experts: int, bs: BlockSiz
             pl.BlockSpec((p, bs.block_n), lambda g, i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((None, bs.block_k, bs.block_n), lambda g, i, j: (g, i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
     )(layout.tile_start_E, layout.tile_count_E, x, dy)
     return out[:, :k, :n]
