@@ -8,7 +8,8 @@ accumulation, scaled by its two scales and added to a float32 accumulator, as V3
 partial sums to FP32 on CUDA cores per K block. `fp8_gemm_reference` does the same math in
 jnp; the two differ only in the float32 summation order inside a block's dot.
 
-Design (GPU lowering is untested here: this repository's CI is CPU-only, interpret mode):
+Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
+and Mosaic TPU lowerings are checked from CPU by tests/test_kernel_lowering.py):
 - Grid (M / block_m, N / block_n); each program keeps full-K row/column panels and runs a
   `fori_loop` over K blocks with the accumulator as loop carry. That one form lowers on
   Triton (whose programs have no ordered grid axis to carry a scratch accumulator across)

@@ -25,7 +25,8 @@ model/fp8_grouped.py's convention with tile = block_m (it quantizes the transpos
 `quantize_rows`, block 128), so the two compute the same codes and scales and differ only in
 float32 summation order. Fprop and Dgrad scales are per row and do not depend on block_m.
 
-Design (GPU lowering is untested here: this repository's CI is CPU-only, interpret mode):
+Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
+lowering is checked from CPU by tests/test_kernel_lowering.py):
 - Quantization is jnp outside the kernels (as fp8_linear does): rows before the scatter into
   the tile-padded buffer (`grouped_gemm`'s `tile_layout`), weights once per expert (vmapped
   `quantize_blocks`), the Wgrad's column tiles on the buffers.

@@ -6,7 +6,8 @@
 many (as `jax.lax.ragged_dot`, which is `grouped_gemm_reference`); rows past
 sum(group_sizes) give zeros. Empty experts are allowed.
 
-Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, interpret mode):
+Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
+lowering is checked from CPU by tests/test_kernel_lowering.py):
 - Tiles of one expert each: the wrapper scatters the rows into a buffer where each group is
   padded to a multiple of block_m (as model/grouped_matmul.py's tiled layout), and builds a
   tile -> expert map with jnp outside the kernel. The buffer has a static bound of

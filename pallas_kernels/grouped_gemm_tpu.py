@@ -7,7 +7,8 @@ Same operands, math, tile-padded row layout (`tile_layout`, `_to_buffer`, `_from
 `BlockSizes` as pallas_kernels/grouped_gemm.py, whose public `grouped_gemm` runs this file's
 `grouped_gemm_tpu` with variant="tpu" (the default on a TPU backend). Only interpreted here
 (CPU CI, `interpret=True` or `pltpu.InterpretParams()`); never compiled by Mosaic or timed on
-a TPU, so nothing here is a claim about TPU speed or even that Mosaic accepts every shape.
+a TPU, so nothing here is a claim about TPU speed. The Mosaic lowering (not the compile) is
+checked from CPU at V3 and odd shapes by tests/test_kernel_lowering.py.
 
 Why a second build: grouped_gemm.py's kernels keep the weights' E and K axes (and, for dW,
 all buffer rows) resident in one block, which on GPU is a global-memory pointer but on TPU

@@ -8,7 +8,8 @@ These are the two row movers of pallas_kernels/moe_permute.py (`TPU_MOVERS`); it
 and `combine` run them with variant="tpu" (the default on a TPU backend), with the same
 index computation (`sort_indices`), custom_vjp wiring and `BlockSizes`. Only interpreted
 here (CPU CI, `interpret=True` or `pltpu.InterpretParams()`); never compiled by Mosaic or timed
-on a TPU, so nothing here is a claim about TPU speed.
+on a TPU, so nothing here is a claim about TPU speed. The Mosaic lowering (not the compile)
+is checked from CPU by tests/test_kernel_lowering.py.
 
 Why a second build: moe_permute.py's kernels keep the whole source resident in the block,
 which on GPU is a global-memory pointer but on TPU would be copied into VMEM whole.
