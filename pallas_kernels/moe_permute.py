@@ -10,16 +10,28 @@ expert in expert order, and within an expert by token (a stable sort), which is 
 `group_sizes_E` rows per expert. `dest_NxK` is the inverse map. The sort itself is jnp
 (argsort) outside the kernels; the kernels only move rows by these precomputed indices.
 
-Design (GPU/TPU lowering is untested here: this repository's CI is CPU-only, interpret mode):
-- Gather kernel: one program per block of output rows; it reads each row's source index
-  from its index block and copies that row of the source, resident in the block, with a
-  dynamic 1-row slice. Combine kernel: one program per block of tokens, K dynamic row reads
-  per token, weighted sum in float32. No scalar prefetch (Mosaic TPU only): on GPU the
-  resident source is a global-memory pointer, but on TPU it would be held in VMEM whole. The
-  TPU build, pallas_kernels/moe_permute_tpu.py (variant="tpu", the default on a TPU backend;
-  interpret-tested only), keeps the source in HBM (memory_space=ANY) and DMAs rows at
+Design (never compiled here: this repository's CI is CPU-only, interpret mode; the generic
+build's Triton lowering is checked by exporting for "cuda", which does not compile):
+- Gather kernel: grid (row blocks, D tiles); a program takes block_rows output rows and one
+  tile of block_d columns. It reads each row's source index from its index block and copies
+  that row's tile of the source, resident in the block, with a dynamic 1-row slice. Combine
+  kernel: grid (token blocks, D tiles), K dynamic row-tile reads per token, weighted sum in
+  float32. No scalar prefetch (Mosaic TPU only): on GPU the resident source is a
+  global-memory pointer, but on TPU it would be held in VMEM whole. The TPU build,
+  pallas_kernels/moe_permute_tpu.py (variant="tpu", the default on a TPU backend;
+  interpret-tested only), keeps the source in HBM (memory_space=ANY) and DMAs whole rows at
   scalar-prefetched indices; both builds share the index computation and the custom_vjp
   wiring below, which takes the row movers (`RowMovers`) as a parameter.
+- Why D tiles: this build targets GPU through Pallas' Triton backend (compiler params from
+  `generic_compiler_params()`; without them jax >= 0.10 picks Mosaic GPU, which rejects these
+  kernels), and Triton requires every array a load, store or arithmetic op touches to have a
+  power-of-two number of elements. A whole row of V3's d_model = 7168 is not one, so the
+  kernels move (1, block_d) row pieces, block_d a power of two (`BlockSizes.block_d`,
+  validated; narrower rows use the next power of two >= D). D is zero-padded to a multiple
+  of the tile outside the kernels and sliced back (a copy of the source only when D is not
+  a multiple: 7168 = 28 x 256 is). Nothing else needs the rule: the index and weight blocks
+  are read one scalar ((1, 1) weight piece) at a time, so block_rows, block_tokens and the
+  top-k K (e.g. 6) may be any positive size.
 - Backward (custom_vjp, below the kernels): permute's is the combine kernel with unit
   weights (a scatter-add of each token's K copies); combine's is the gather kernel on the
   output gradient, scaled by the weights, plus d weight[p] = <d out[token(p)], rows[p]>.
@@ -37,20 +49,43 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels._blocks import check_positive_fields, kernel_variant, round_up
+from pallas_kernels._blocks import (
+    check_positive_fields,
+    generic_compiler_params,
+    kernel_variant,
+    round_up,
+)
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def _is_pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+def _tile_d(d: int, block_d: int) -> tuple[int, int]:
+    """(tile width, padded D): block_d, or the next power of two >= D when that is narrower."""
+    tile = min(block_d, 1 << max(d - 1, 0).bit_length())
+    return tile, round_up(max(d, 1), tile)
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Rows per program of the gather kernel and tokens per program of the combine kernel."""
+    """Rows per program of the gather kernel, tokens per program of the combine kernel, and
+    (generic build only) the width of the D tile one program moves, a power of two; narrower
+    rows use the next power of two >= D instead. The TPU build moves whole rows."""
 
     block_rows: int = 32
     block_tokens: int = 32
+    block_d: int = 256
 
     def __post_init__(self):
         check_positive_fields(self)
+        if not _is_pow2(self.block_d):
+            raise ValueError(
+                f"BlockSizes.block_d must be a power of two (Triton's rule for the arrays a "
+                f"kernel loads and stores), got {self.block_d}"
+            )
 
 
 class SortedIndices(NamedTuple):
@@ -109,7 +144,8 @@ def sort_indices(expert_idx_NxK: jax.Array, num_experts: int) -> tuple[SortedInd
 
 
 def _gather_kernel(idx_ref, src_ref, o_ref):
-    """o[r] = src[idx[r]] for the block's rows: idx_ref (br,) int32, src_ref (S, D) resident."""
+    """o[r] = src[idx[r]] on one D tile: idx_ref (br,) int32, src_ref (S, bd) resident,
+    o_ref (br, bd); every load and store is one (1, bd) row piece."""
 
     def body(r, carry):
         o_ref[pl.ds(r, 1), :] = src_ref[pl.ds(idx_ref[r], 1), :]
@@ -118,29 +154,36 @@ def _gather_kernel(idx_ref, src_ref, o_ref):
     lax.fori_loop(0, o_ref.shape[0], body, 0)
 
 
-def _gather_rows(src_SxD: jax.Array, idx_R: jax.Array, block_rows: int, interpret: bool):
-    """src[idx] -> [R, D] with the gather kernel."""
+def _gather_rows(
+    src_SxD: jax.Array, idx_R: jax.Array, block_rows: int, interpret: bool, *, block_d: int
+):
+    """src[idx] -> [R, D] with the gather kernel: grid (row blocks, D tiles)."""
     (s, d), r = src_SxD.shape, idx_R.shape[0]
+    bd, d_pad = _tile_d(d, block_d)
     r_pad = round_up(max(r, 1), block_rows)
     idx = jnp.pad(idx_R.astype(jnp.int32), (0, r_pad - r))  # padding rows copy row 0
+    src = jnp.pad(src_SxD, ((0, 0), (0, d_pad - d)))  # zero columns, sliced off below
     out = pl.pallas_call(
         _gather_kernel,
-        out_shape=jax.ShapeDtypeStruct((r_pad, d), src_SxD.dtype),
-        grid=(r_pad // block_rows,),
+        out_shape=jax.ShapeDtypeStruct((r_pad, d_pad), src_SxD.dtype),
+        grid=(r_pad // block_rows, d_pad // bd),
         in_specs=[
-            pl.BlockSpec((block_rows,), lambda i: (i,)),
-            pl.BlockSpec((s, d), lambda i: (0, 0)),
+            pl.BlockSpec((block_rows,), lambda i, j: (i,)),
+            pl.BlockSpec((s, bd), lambda i, j: (0, j)),
         ],
-        out_specs=pl.BlockSpec((block_rows, d), lambda i: (i, 0)),
+        out_specs=pl.BlockSpec((block_rows, bd), lambda i, j: (i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
-    )(idx, src_SxD)
-    return out[:r]
+    )(idx, src)
+    return out[:r, :d]
 
 
 def _combine_kernel(dest_ref, w_ref, rows_ref, o_ref, *, top_k: int):
-    """o[t] = sum_k w[t, k] * rows[dest[t, k]] in float32.
+    """o[t] = sum_k w[t, k] * rows[dest[t, k]] in float32, on one D tile.
 
-    dest_ref (bt, K) int32, w_ref (bt, K) float32, rows_ref (M, D) resident, o_ref (bt, D).
+    dest_ref (bt, K) int32, w_ref (bt, K) float32, rows_ref (M, bd) resident, o_ref (bt, bd).
+    Only scalars of dest/w ((1, 1) weight pieces) and (1, bd) row pieces are loaded, so K
+    (top-k, e.g. 6) need not be a power of two.
     """
 
     def body(t, carry):
@@ -154,25 +197,29 @@ def _combine_kernel(dest_ref, w_ref, rows_ref, o_ref, *, top_k: int):
     lax.fori_loop(0, o_ref.shape[0], body, 0)
 
 
-def _combine_rows(rows_MxD, w_NxK, dest_NxK, block_tokens: int, interpret: bool):
-    """sum_k w[n, k] * rows[dest[n, k]] -> [N, D] with the combine kernel."""
+def _combine_rows(rows_MxD, w_NxK, dest_NxK, block_tokens: int, interpret: bool, *, block_d: int):
+    """sum_k w[n, k] * rows[dest[n, k]] -> [N, D] with the combine kernel: grid (token
+    blocks, D tiles)."""
     (m, d), (n, k) = rows_MxD.shape, dest_NxK.shape
+    bd, d_pad = _tile_d(d, block_d)
     n_pad = round_up(max(n, 1), block_tokens)
     dest = jnp.pad(dest_NxK.astype(jnp.int32), ((0, n_pad - n), (0, 0)))
     w = jnp.pad(w_NxK.astype(jnp.float32), ((0, n_pad - n), (0, 0)))
+    rows = jnp.pad(rows_MxD, ((0, 0), (0, d_pad - d)))  # zero columns, sliced off below
     out = pl.pallas_call(
         functools.partial(_combine_kernel, top_k=k),
-        out_shape=jax.ShapeDtypeStruct((n_pad, d), rows_MxD.dtype),
-        grid=(n_pad // block_tokens,),
+        out_shape=jax.ShapeDtypeStruct((n_pad, d_pad), rows_MxD.dtype),
+        grid=(n_pad // block_tokens, d_pad // bd),
         in_specs=[
-            pl.BlockSpec((block_tokens, k), lambda i: (i, 0)),
-            pl.BlockSpec((block_tokens, k), lambda i: (i, 0)),
-            pl.BlockSpec((m, d), lambda i: (0, 0)),
+            pl.BlockSpec((block_tokens, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((block_tokens, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((m, bd), lambda i, j: (0, j)),
         ],
-        out_specs=pl.BlockSpec((block_tokens, d), lambda i: (i, 0)),
+        out_specs=pl.BlockSpec((block_tokens, bd), lambda i, j: (i, j)),
+        compiler_params=generic_compiler_params(),
         interpret=interpret,
-    )(dest, w, rows_MxD)
-    return out[:n]
+    )(dest, w, rows)
+    return out[:n, :d]
 
 
 class RowMovers(NamedTuple):
@@ -183,15 +230,25 @@ class RowMovers(NamedTuple):
     combine: Callable  # (rows [M, D], w [N, K], dest [N, K], block_tokens, interpret) -> [N, D]
 
 
-GENERIC_MOVERS = RowMovers(_gather_rows, _combine_rows)
+@functools.cache
+def generic_movers(block_d: int = BlockSizes.block_d) -> RowMovers:
+    """This file's kernels with D tiles of block_d columns (one object per block_d, so that
+    jit's cache of the custom_vjp wiring, which takes the movers as a static argument, hits)."""
+    return RowMovers(
+        functools.partial(_gather_rows, block_d=block_d),
+        functools.partial(_combine_rows, block_d=block_d),
+    )
 
 
-def _movers(variant: str) -> RowMovers:
+GENERIC_MOVERS = generic_movers()  # the default block_d
+
+
+def _movers(variant: str, bs: BlockSizes) -> RowMovers:
     if kernel_variant(variant) == "tpu":
         from pallas_kernels import moe_permute_tpu  # lazy: it imports this module
 
         return moe_permute_tpu.TPU_MOVERS
-    return GENERIC_MOVERS
+    return generic_movers(bs.block_d)
 
 
 # -- public API ----------------------------------------------------------------------------
@@ -216,7 +273,8 @@ def permute(
     """
     _check_permute_args(x_NxD, expert_idx_NxK, weights_NxK, num_experts)
     indices, group_sizes_E = sort_indices(expert_idx_NxK, num_experts)
-    bs, movers = block_sizes or BlockSizes(), _movers(variant)
+    bs = block_sizes or BlockSizes()
+    movers = _movers(variant, bs)
     rows = _permute_rows(x_NxD, indices, bs, interpret, movers)
     weights_M = weights_NxK.reshape(-1)[indices.copy_M]
     return rows, weights_M, group_sizes_E, indices
@@ -237,7 +295,8 @@ def combine(
     variant as for `permute`."""
     _check_combine_args(rows_MxD, weights_M, indices)
     w_NxK = weights_M[indices.dest_NxK]
-    bs, movers = block_sizes or BlockSizes(), _movers(variant)
+    bs = block_sizes or BlockSizes()
+    movers = _movers(variant, bs)
     return _combine(rows_MxD, w_NxK, indices, bs, interpret, movers)
 
 

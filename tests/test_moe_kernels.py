@@ -44,18 +44,8 @@ class TestMoePermute:
     def combine(self, *args, **kw):
         return mp.combine(*args, interpret=self.INTERPRET, **kw)
 
-    @settings(max_examples=5, deadline=None)
-    @given(
-        n=st.integers(1, 19),
-        k=st.integers(1, 3),
-        e=st.integers(4, 7),  # k distinct experts besides the one left empty
-        d=st.integers(1, 9),
-        block=st.sampled_from([None, mp.BlockSizes(4, 8), mp.BlockSizes(1, 3)]),
-        seed=st.integers(0, 2**16),
-    )
-    @example(n=5, k=2, e=4, d=3, block=mp.BlockSizes(4, 8), seed=0)
-    @example(n=1, k=3, e=4, d=1, block=None, seed=0)
-    def test_matches_reference_values_and_grads(self, n, k, e, d, block, seed):
+    def check(self, n, k, e, d, block, seed):
+        """Values and gradients (w.r.t. x and the weights) against the references."""
         rng = np.random.default_rng(seed)
         x = _normal(rng, (n, d))
         experts, weights = _routing(rng, n, k, e, skip_expert=seed % e)  # one empty expert
@@ -90,6 +80,32 @@ class TestMoePermute:
         for g, r in zip(grads, ref_grads, strict=True):
             _close(g, r, scale=2 * k)
 
+    @settings(max_examples=5, deadline=None)
+    @given(
+        n=st.integers(1, 19),
+        k=st.integers(1, 3),
+        e=st.integers(4, 7),  # k distinct experts besides the one left empty
+        d=st.integers(1, 9),
+        # (1, 3, 2): D tiles of 2 columns, odd D padded
+        block=st.sampled_from([None, mp.BlockSizes(4, 8), mp.BlockSizes(1, 3, 2)]),
+        seed=st.integers(0, 2**16),
+    )
+    @example(n=5, k=2, e=4, d=3, block=mp.BlockSizes(4, 8), seed=0)
+    @example(n=1, k=3, e=4, d=1, block=None, seed=0)
+    def test_matches_reference_values_and_grads(self, n, k, e, d, block, seed):
+        self.check(n, k, e, d, block, seed)
+
+    @pytest.mark.parametrize(
+        "n, k, e, d, block",
+        [
+            (11, 3, 5, 37, mp.BlockSizes(4, 8, 8)),  # 5 tiles, the last 5 of 8 columns wide
+            (9, 6, 8, 24, mp.BlockSizes(4, 4, 16)),  # top-6 (K not a power of two), 2 tiles
+            (6, 2, 4, 40, mp.BlockSizes(8, 8, 8)),  # D a multiple of block_d: no padding
+        ],
+    )
+    def test_d_tiles(self, n, k, e, d, block):
+        self.check(n, k, e, d, block, seed=d)
+
     def test_k1_unit_weights_is_identity(self):
         rng = np.random.default_rng(1)
         x = _normal(rng, (13, 5))
@@ -120,6 +136,16 @@ class TestMoePermute:
             self.combine(rows[:7], w_M, idx)
         with pytest.raises(ValueError, match=r"BlockSizes\.block_rows must be a positive int"):
             mp.BlockSizes(block_rows=0)
+
+    def test_block_d_validation(self):
+        for bad in (24, 3, 7168):
+            with pytest.raises(ValueError, match=rf"block_d must be a power of two.*got {bad}"):
+                mp.BlockSizes(block_d=bad)
+        with pytest.raises(ValueError, match=r"BlockSizes\.block_d must be a positive int"):
+            mp.BlockSizes(block_d=0)
+        assert mp.BlockSizes(block_d=1).block_d == 1
+        # one movers object per block_d: jit's cache of the custom_vjp wiring keys on it
+        assert mp.generic_movers(64) is mp.generic_movers(64)
 
 
 class TestGroupedGemm:
