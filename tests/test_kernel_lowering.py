@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import pytest
 from jax import export
 
+from pallas_kernels import fp8_gemm as fp8_gemm_module
+from pallas_kernels import fp8_grouped_gemm as fp8_grouped_gemm_module
 from pallas_kernels import moe_permute
 from pallas_kernels._blocks import generic_compiler_params
 from pallas_kernels.fp8 import quantize_blocks, quantize_rows
@@ -114,12 +116,27 @@ CASES = [("cuda", name, "generic") for name in KERNELS] + [
 ]
 
 
+FP8_KERNELS = ("fp8_gemm", "fp8_linear", "fp8_grouped_gemm")
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("platform,name,variant", CASES)
 def test_kernel_lowers(platform, name, variant, shape):
     fn, min_calls = KERNELS[name]
     text = _lower(functools.partial(fn, variant=variant), _operands(shape), platform)
     assert text.count(CUSTOM_CALLS[platform]) >= min_calls, (platform, name)
+
+
+@pytest.mark.parametrize("name", FP8_KERNELS)
+def test_fp8_codes_fed_to_the_dot_lower_for_triton(name, monkeypatch):
+    # On sm_89+ GPUs (H100/H200) the FP8 kernels give E4M3 codes to the dot instead of
+    # upcasting them to bfloat16; from a CPU process that branch is not taken by itself.
+    for module in (fp8_gemm_module, fp8_grouped_gemm_module):
+        monkeypatch.setattr(module, "_feed_fp8_to_dot", lambda interpret: True)
+    jax.clear_caches()  # the jitted wrappers may hold traces of the upcasting branch
+    fn, min_calls = KERNELS[name]
+    text = _lower(functools.partial(fn, variant="generic"), _operands("v3"), "cuda")
+    assert text.count(CUSTOM_CALLS["cuda"]) >= min_calls, name
 
 
 def test_generic_builds_ask_for_triton_on_gpu(monkeypatch):
