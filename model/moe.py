@@ -134,6 +134,13 @@ def pallas_experts(
     scan's (tile_rows, else choose_tile) and both compute the same quantization."""
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if fp8 is not None and jax.default_backend() == "tpu" and not interpret:
+        # Its generic build addresses a tile's expert inside the block (E x K x block_n of
+        # codes), which on TPU would be copied into VMEM whole.
+        raise ValueError(
+            "grouped_matmul=pallas with ModelConfig.fp8 has no TPU build (the FP8 grouped "
+            "GEMM is written for GPU); use grouped_matmul=tiled_scan for FP8 on TPU"
+        )
     E = w["wi_gate"].shape[0]
     rows_MxD, weights_M, group_sizes_E, indices = moe_permute.permute(
         x_NxD, experts_NxK, weights_NxK.astype(x_NxD.dtype), E, interpret=interpret

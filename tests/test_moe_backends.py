@@ -176,3 +176,15 @@ def test_fp8_pallas_equals_fp8_tiled_scan():
     exact = jax.jit(lambda x: routed_experts(x, experts, weights, w, cfg))(x)
     gap = np.abs(np.asarray(exact) - np.asarray(out)).max() / np.abs(np.asarray(out)).max()
     assert 1e-3 < gap < 0.1, gap
+
+
+def test_fp8_pallas_on_tpu_is_a_clear_error(monkeypatch):
+    """The FP8 grouped GEMM has no TPU build: compiled on a TPU backend, PALLAS + fp8 says so
+    instead of failing inside Mosaic or running out of VMEM."""
+    from model.moe import pallas_experts
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    w = {k: jnp.ones((4, 8, 8)) for k in ("wi_gate", "wi_up", "wo")}
+    experts, weights = jnp.zeros((2, 2), jnp.int32), jnp.ones((2, 2))
+    with pytest.raises(ValueError, match=r"no TPU build.*tiled_scan"):
+        pallas_experts(jnp.ones((2, 8)), experts, weights, w, fp8=FP8Config())
