@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.fp8 import quantize_blocks
+from pallas_kernels.fp8_grouped_gemm import quantize_weights
 from pallas_kernels.fp8_linear import fprop, wgrad
 
 
@@ -56,7 +56,7 @@ def fp8_tiled_scan(x_PxI, w_ExIxO, tile_expert, used_tiles, tile, pow2_scale):
 
 
 def _fwd(x_PxI, w_ExIxO, tile_expert, used_tiles, tile, pow2_scale):
-    w_q, w_s = jax.vmap(functools.partial(quantize_blocks, pow2_scale=pow2_scale))(w_ExIxO)
+    w_q, w_s = quantize_weights(w_ExIxO, pow2_scale)
     y = _fprop_tiles(x_PxI, w_q, w_s, tile_expert, used_tiles, tile, pow2_scale)
     residuals = (x_PxI, w_q, w_s, tile_expert, used_tiles, jnp.zeros((0,), w_ExIxO.dtype))
     return y.astype(x_PxI.dtype), residuals

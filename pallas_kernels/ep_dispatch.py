@@ -82,13 +82,19 @@ def _interpret_params(interpret: Interpret) -> pltpu.InterpretParams | None:
     return pltpu.InterpretParams() if interpret else None
 
 
-def _exchange_call(x_PxC_: jax.Array, axis_name: str, interpret: Interpret) -> jax.Array:
+def check_send_buffer(x_PxC_: jax.Array, axis_name: str) -> int:
+    """P, the size of mesh axis `axis_name`, after checking the buffer is [P, capacity, ...]."""
     num_devices = lax.axis_size(axis_name)
     if x_PxC_.ndim < 2 or x_PxC_.shape[0] != num_devices:
         raise ValueError(
             f"send buffer must be [P, capacity, ...] with P = {num_devices} (the size of mesh "
             f"axis {axis_name!r}), got shape {x_PxC_.shape}"
         )
+    return num_devices
+
+
+def _exchange_call(x_PxC_: jax.Array, axis_name: str, interpret: Interpret) -> jax.Array:
+    num_devices = check_send_buffer(x_PxC_, axis_name)
     if num_devices == 1:
         return x_PxC_
     kernel = functools.partial(_exchange_kernel, axis_name=axis_name, num_devices=num_devices)

@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ep_dispatch import Interpret, _interpret_params
+from pallas_kernels.ep_dispatch import Interpret, _interpret_params, check_send_buffer
 
 # The padded kernel uses 0; distinct ids keep the two kernels' barriers apart.
 _COLLECTIVE_ID = 1
@@ -114,12 +114,7 @@ def _ragged_call(
     chunk: int,
     interpret: Interpret,
 ) -> jax.Array:
-    num_devices = lax.axis_size(axis_name)
-    if x_PxC_.ndim < 2 or x_PxC_.shape[0] != num_devices:
-        raise ValueError(
-            f"send buffer must be [P, capacity, ...] with P = {num_devices} (the size of mesh "
-            f"axis {axis_name!r}), got shape {x_PxC_.shape}"
-        )
+    num_devices = check_send_buffer(x_PxC_, axis_name)
     for name, counts in (("send_counts", send_counts_P), ("recv_counts", recv_counts_P)):
         if counts.shape != (num_devices,) or not jnp.issubdtype(counts.dtype, jnp.integer):
             raise ValueError(

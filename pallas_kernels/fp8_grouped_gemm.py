@@ -27,13 +27,14 @@ float32 summation order. Fprop and Dgrad scales are per row and do not depend on
 
 Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
 lowering is checked from CPU by tests/test_kernel_lowering.py):
-- Quantization is jnp outside the kernels (as fp8_linear does): rows before the scatter into
-  the tile-padded buffer (`grouped_gemm`'s `tile_layout`), weights once per expert (vmapped
-  `quantize_blocks`), the Wgrad's column tiles on the buffers.
+- Quantization is jnp outside the kernels (as fp8_linear does), on the tile-padded buffers
+  (`grouped_gemm`'s `tile_layout`; padding rows are zeros and give zero codes): rows per
+  1x128, the Wgrad's column tiles; weights once per expert (vmapped `quantize_blocks`).
 - Fprop/Dgrad kernel: grid (tiles, N / block_n) with grouped_gemm's tile -> expert map and
   `pl.when` for unused tiles; each used tile runs fp8_gemm.py's block loop (a `fori_loop`
   over 128-wide K blocks: dot of the codes, times the rows' and the expert's block scales,
-  added to an f32 accumulator) on its expert's slice `w_ref.at[e]`. The weight scales are
+  added to an f32 accumulator) on its expert's weights, the expert index in the same load
+  as the K slice (Triton's lowering takes one indexer per load). The weight scales are
   expanded to one per column in the wrapper (E * K/128 * N floats), which frees block_n from
   128; FP8 codes go to the dot directly on sm_89+ GPUs, else upcast to bfloat16 (exact).
 - Wgrad kernel: one program per (expert, K tile, N tile), looping over that expert's column
@@ -254,12 +255,6 @@ def _fp8_tgmm_call(x_q, x_s, dy_q, dy_s, layout: TileLayout, num_experts, bs, in
 # -- custom_vjp wiring ---------------------------------------------------------------------
 
 
-def _rows_to_buffer(x_MxC, layout: TileLayout, pow2_scale: bool):
-    """Quantize rows per 1x128 tile, then scatter codes and scales into the tile buffer."""
-    q, s = quantize_rows(x_MxC, block=QBLOCK, pow2_scale=pow2_scale)
-    return _to_buffer(q, layout), _to_buffer(s, layout)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _fp8_grouped_gemm(rows, weights, group_sizes, bs, pow2_scale, out_dtype, interpret):
     return _fwd(rows, weights, group_sizes, bs, pow2_scale, out_dtype, interpret)[0]
@@ -268,19 +263,23 @@ def _fp8_grouped_gemm(rows, weights, group_sizes, bs, pow2_scale, out_dtype, int
 def _fwd(rows, weights, group_sizes, bs, pow2_scale, out_dtype, interpret):
     layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
     w_q, w_s = quantize_weights(weights, pow2_scale)
-    x_q, x_s = _rows_to_buffer(rows, layout, pow2_scale)
+    # Rows are quantized in the buffer: per-row scales are the same, and the padding rows
+    # (zeros) give zero codes whatever their scale.
+    x_buf = _to_buffer(rows, layout)
+    x_q, x_s = quantize_rows(x_buf, block=QBLOCK, pow2_scale=pow2_scale)
     y = _from_buffer(_fp8_gmm_call(x_q, x_s, w_q, w_s, layout, bs, out_dtype, interpret), layout)
     # The weights' dtype travels as a zero-size array (residuals must be arrays).
-    return y, (_to_buffer(rows, layout), w_q, w_s, layout, jnp.zeros((0,), weights.dtype))
+    return y, (x_buf, w_q, w_s, layout, jnp.zeros((0,), weights.dtype))
 
 
 def _bwd(bs, pow2_scale, out_dtype, interpret, residuals, dy):
     x_buf, w_q, w_s, layout, w_dtype = residuals
-    dy_q, dy_s = _rows_to_buffer(dy, layout, pow2_scale)
+    dy_buf = _to_buffer(dy, layout)
+    dy_q, dy_s = quantize_rows(dy_buf, block=QBLOCK, pow2_scale=pow2_scale)
     w_qt, w_st = jnp.swapaxes(w_q, 1, 2), jnp.swapaxes(w_s, 1, 2)
     dx = _fp8_gmm_call(dy_q, dy_s, w_qt, w_st, layout, bs, x_buf.dtype, interpret)
     xc_q, xc_s = quantize_tile_cols(x_buf, bs.wgrad_rows, pow2_scale)
-    dyc_q, dyc_s = quantize_tile_cols(_to_buffer(dy, layout), bs.wgrad_rows, pow2_scale)
+    dyc_q, dyc_s = quantize_tile_cols(dy_buf, bs.wgrad_rows, pow2_scale)
     dw = _fp8_tgmm_call(xc_q, xc_s, dyc_q, dyc_s, layout, w_q.shape[0], bs, interpret)
     return _from_buffer(dx, layout), dw.astype(w_dtype.dtype), None
 
@@ -301,17 +300,22 @@ def fp8_grouped_gemm(
 ) -> jax.Array:
     """Rows of expert e (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N],
     Fprop/Dgrad/Wgrad in FP8 (E4M3, V3's tiles); out_dtype defaults to the operands' type."""
-    _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
+    bs, out_dtype = _resolve(rows_MxK, weights_ExKxN, group_sizes_E, block_sizes, out_dtype)
+    args = (bs, pow2_scale, out_dtype, interpret)
+    return _fp8_grouped_gemm(rows_MxK, weights_ExKxN, group_sizes_E, *args)
+
+
+def _resolve(rows, weights, group_sizes, block_sizes, out_dtype) -> tuple[BlockSizes, jnp.dtype]:
+    """Checked operands; (block sizes, output dtype) with their defaults filled in."""
+    _check_operands(rows, weights, group_sizes)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(
             "block_sizes must be pallas_kernels.fp8_grouped_gemm.BlockSizes, "
             f"got {type(block_sizes).__name__}"
         )
-    bs = block_sizes or BlockSizes()
     if out_dtype is None:
-        out_dtype = jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
-    args = (bs, pow2_scale, jnp.dtype(out_dtype), interpret)
-    return _fp8_grouped_gemm(rows_MxK, weights_ExKxN, group_sizes_E, *args)
+        out_dtype = jnp.result_type(rows.dtype, weights.dtype)
+    return block_sizes or BlockSizes(), jnp.dtype(out_dtype)
 
 
 def _check_codes(x_q, x_s, w_q, w_s, group_sizes) -> None:
@@ -454,9 +458,5 @@ def fp8_grouped_gemm_reference(
     """`fp8_grouped_gemm` in jnp (same quantization, same VJP; block_sizes.block_m sets the
     Wgrad's tiles, the other fields are unused). Memory: the Wgrad holds one [K, N] float32
     partial per tile, so keep it to small shapes."""
-    _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
-    bs = block_sizes or BlockSizes()
-    if out_dtype is None:
-        out_dtype = jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
-    out_dtype = jnp.dtype(out_dtype)
+    bs, out_dtype = _resolve(rows_MxK, weights_ExKxN, group_sizes_E, block_sizes, out_dtype)
     return _reference(rows_MxK, weights_ExKxN, group_sizes_E, bs, pow2_scale, out_dtype)

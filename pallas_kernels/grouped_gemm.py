@@ -36,12 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._blocks import (
     cdiv,
@@ -208,9 +211,10 @@ def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, block_m: int):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, num_experts: int, bs: BlockSizes, interpret):
+def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, bs: BlockSizes, interpret):
     """Per-expert X^T dY over the tile-padded buffers -> [E, K, N] float32."""
     (p, k), n = x_PxK.shape, dy_PxN.shape[1]
+    num_experts = layout.tile_count_E.shape[0]
     k_pad, n_pad = round_up(k, bs.block_k), round_up(n, bs.block_n)
     x = jnp.pad(x_PxK, ((0, 0), (0, k_pad - k)))
     dy = jnp.pad(dy_PxN, ((0, 0), (0, n_pad - n)))
@@ -231,33 +235,49 @@ def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, num_experts: int, bs: BlockSiz
     return out[:, :k, :n]
 
 
-# -- custom_vjp wiring ---------------------------------------------------------------------
+# -- custom_vjp wiring (shared by the builds) ----------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _grouped_gemm(rows, weights, group_sizes, bs, out_dtype, interpret):
-    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
-    y = _gmm_call(_to_buffer(rows, layout), weights, layout, bs, out_dtype, interpret)
-    return _from_buffer(y, layout)
+class GemmKernels(NamedTuple):
+    """One build's three passes over the tile-padded buffers (P rows, tiles of one expert)."""
+
+    matmul: Callable  # (x [P, K], w [E, K, N], layout, bs, out_dtype, interpret) -> [P, N]
+    matmul_wt: Callable  # (dy [P, N], w [E, K, N], layout, bs, out_dtype, interpret) -> [P, K]
+    weight_grad: Callable  # (x [P, K], dy [P, N], layout, bs, interpret) -> [E, K, N] f32
 
 
-def _grouped_gemm_fwd(rows, weights, group_sizes, bs, out_dtype, interpret):
-    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
-    x_buf = _to_buffer(rows, layout)
-    y = _from_buffer(_gmm_call(x_buf, weights, layout, bs, out_dtype, interpret), layout)
-    return y, (x_buf, weights, layout)
+def custom_vjp_gemm(kernels: GemmKernels, name: str) -> Callable:
+    """(rows, weights, group_sizes, bs, out_dtype, interpret) -> [M, N] with the VJP
+    dX = dY W^T (matmul_wt) and dW[e] = X_e^T dY_e (weight_grad), on `kernels`. `name` labels
+    the custom_vjp_call in jaxprs and profiles."""
+
+    def forward(rows, weights, group_sizes, bs, out_dtype, interpret):
+        layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
+        x_buf = _to_buffer(rows, layout)
+        y_buf = kernels.matmul(x_buf, weights, layout, bs, out_dtype, interpret)
+        return _from_buffer(y_buf, layout), (x_buf, weights, layout)
+
+    def backward(bs, out_dtype, interpret, residuals, dy):
+        x_buf, weights, layout = residuals
+        dy_buf = _to_buffer(dy, layout)
+        dx_buf = kernels.matmul_wt(dy_buf, weights, layout, bs, x_buf.dtype, interpret)
+        dw = kernels.weight_grad(x_buf, dy_buf, layout, bs, interpret)
+        return _from_buffer(dx_buf, layout), dw.astype(weights.dtype), None
+
+    def gemm(rows, weights, group_sizes, bs, out_dtype, interpret):
+        return forward(rows, weights, group_sizes, bs, out_dtype, interpret)[0]
+
+    gemm.__name__ = gemm.__qualname__ = name
+    gemm = jax.custom_vjp(gemm, nondiff_argnums=(3, 4, 5))
+    gemm.defvjp(forward, backward)
+    return gemm
 
 
-def _grouped_gemm_bwd(bs, out_dtype, interpret, residuals, dy):
-    x_buf, weights, layout = residuals
-    dy_buf = _to_buffer(dy, layout)
-    w_t = jnp.swapaxes(weights, 1, 2)
-    dx = _from_buffer(_gmm_call(dy_buf, w_t, layout, bs, x_buf.dtype, interpret), layout)
-    dw = _tgmm_call(x_buf, dy_buf, layout, weights.shape[0], bs, interpret)
-    return dx, dw.astype(weights.dtype), None
+def _gmm_t_call(dy_PxN, w_ExKxN, layout, bs, out_dtype, interpret):
+    return _gmm_call(dy_PxN, jnp.swapaxes(w_ExKxN, 1, 2), layout, bs, out_dtype, interpret)
 
 
-_grouped_gemm.defvjp(_grouped_gemm_fwd, _grouped_gemm_bwd)
+_grouped_gemm = custom_vjp_gemm(GemmKernels(_gmm_call, _gmm_t_call, _tgmm_call), "_grouped_gemm")
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret", "variant"))
@@ -268,28 +288,22 @@ def grouped_gemm(
     *,
     block_sizes: BlockSizes | None = None,
     out_dtype=None,
-    interpret: bool = False,
+    interpret: bool | pltpu.InterpretParams = False,
     variant: str = "auto",
 ) -> jax.Array:
     """Rows of expert e (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N].
 
     variant: "generic" (this file's kernels), "tpu" (grouped_gemm_tpu.py's), or "auto" ("tpu"
-    on a TPU backend)."""
+    on a TPU backend). interpret: True, or pltpu.InterpretParams() (the TPU interpreter)."""
     m, _, _, _ = _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
     bs = block_sizes or _default_block_sizes(m)
     out_dtype = out_dtype or jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
+    gemm = _grouped_gemm
     if kernel_variant(variant) == "tpu":
         from pallas_kernels import grouped_gemm_tpu  # lazy: it imports this module
 
-        return grouped_gemm_tpu.grouped_gemm_tpu(
-            rows_MxK,
-            weights_ExKxN,
-            group_sizes_E,
-            block_sizes=bs,
-            out_dtype=out_dtype,
-            interpret=interpret,
-        )
-    return _grouped_gemm(rows_MxK, weights_ExKxN, group_sizes_E, bs, out_dtype, interpret)
+        gemm = grouped_gemm_tpu.grouped_gemm_tpu
+    return gemm(rows_MxK, weights_ExKxN, group_sizes_E, bs, out_dtype, interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))

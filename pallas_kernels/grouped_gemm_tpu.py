@@ -3,9 +3,9 @@ scalar-prefetched index_map instead of inside the kernel.
 
     out[m] = rows[m] @ weights[e(m)],   e(m) = the expert whose contiguous group holds row m
 
-Same operands, math, tile-padded row layout (`tile_layout`, `_to_buffer`, `_from_buffer`) and
-`BlockSizes` as pallas_kernels/grouped_gemm.py, whose public `grouped_gemm` runs this file's
-`grouped_gemm_tpu` with variant="tpu" (the default on a TPU backend). Only interpreted here
+Same operands, math, tile-padded row layout (`tile_layout`), `BlockSizes` and custom VJP
+(`custom_vjp_gemm`) as pallas_kernels/grouped_gemm.py, whose public `grouped_gemm` runs this
+file's `grouped_gemm_tpu` with variant="tpu" (the default on a TPU backend). Only interpreted here
 (CPU CI, `interpret=True` or `pltpu.InterpretParams()`); never compiled by Mosaic or timed on
 a TPU, so nothing here is a claim about TPU speed. The Mosaic lowering (not the compile) is
 checked from CPU at V3 and odd shapes by tests/test_kernel_lowering.py.
@@ -60,12 +60,9 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._blocks import cdiv, round_up
 from pallas_kernels.grouped_gemm import (
     BlockSizes,
+    GemmKernels,
     TileLayout,
-    _check_operands,
-    _default_block_sizes,
-    _from_buffer,
-    _to_buffer,
-    tile_layout,
+    custom_vjp_gemm,
 )
 
 Interpret = bool | pltpu.InterpretParams
@@ -259,47 +256,10 @@ def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, bs: BlockSizes, interpret):
     return out[:, :k, :n]
 
 
-# -- custom_vjp wiring (as grouped_gemm.py's) ------------------------------------------------
+# -- custom_vjp wiring: grouped_gemm.py's, on this file's kernels ------------------------------
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _grouped_gemm_tpu(rows, weights, group_sizes, bs, out_dtype, interpret):
-    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
-    y = _gmm_call(_to_buffer(rows, layout), weights, layout, bs, out_dtype, interpret)
-    return _from_buffer(y, layout)
-
-
-def _grouped_gemm_tpu_fwd(rows, weights, group_sizes, bs, out_dtype, interpret):
-    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
-    x_buf = _to_buffer(rows, layout)
-    y = _from_buffer(_gmm_call(x_buf, weights, layout, bs, out_dtype, interpret), layout)
-    return y, (x_buf, weights, layout)
-
-
-def _grouped_gemm_tpu_bwd(bs, out_dtype, interpret, residuals, dy):
-    x_buf, weights, layout = residuals
-    dy_buf = _to_buffer(dy, layout)
-    dx_buf = _gmm_call(dy_buf, weights, layout, bs, x_buf.dtype, interpret, transpose_rhs=True)
-    dw = _tgmm_call(x_buf, dy_buf, layout, bs, interpret)
-    return _from_buffer(dx_buf, layout), dw.astype(weights.dtype), None
-
-
-_grouped_gemm_tpu.defvjp(_grouped_gemm_tpu_fwd, _grouped_gemm_tpu_bwd)
-
-
-@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret"))
-def grouped_gemm_tpu(
-    rows_MxK: jax.Array,
-    weights_ExKxN: jax.Array,
-    group_sizes_E: jax.Array,
-    *,
-    block_sizes: BlockSizes | None = None,
-    out_dtype=None,
-    interpret: Interpret = False,
-) -> jax.Array:
-    """grouped_gemm (pallas_kernels/grouped_gemm.py) with the TPU kernels: rows of expert e
-    (contiguous, group_sizes_E[e] of them) times weights[e] -> [M, N]."""
-    m, _, _, _ = _check_operands(rows_MxK, weights_ExKxN, group_sizes_E)
-    bs = block_sizes or _default_block_sizes(m)
-    out_dtype = out_dtype or jnp.result_type(rows_MxK.dtype, weights_ExKxN.dtype)
-    return _grouped_gemm_tpu(rows_MxK, weights_ExKxN, group_sizes_E, bs, out_dtype, interpret)
+# (rows, weights, group_sizes, bs, out_dtype, interpret) -> [M, N]; grouped_gemm(variant="tpu")
+grouped_gemm_tpu = custom_vjp_gemm(
+    GemmKernels(_gmm_call, functools.partial(_gmm_call, transpose_rhs=True), _tgmm_call),
+    "_grouped_gemm_tpu",
+)

@@ -123,10 +123,12 @@ def _exchange(x_ExMx_: jax.Array, axis: str) -> jax.Array:
 
 
 class Layout(NamedTuple):
-    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot."""
+    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot; and
+    the used rows of each block (the ragged exchanges send only those)."""
 
     dest_M: jax.Array
     slot_M: jax.Array
+    counts_P: jax.Array  # int32
 
 
 def pack_by_destination(
@@ -143,7 +145,7 @@ def pack_by_destination(
     dest_M = expert_M // experts_per_device
     # A copy's slot: its rank among the copies to the same device (stable, so token order).
     order_M = jnp.argsort(dest_M, stable=True)
-    counts_P = jnp.bincount(dest_M, length=num_devices)
+    counts_P = jnp.bincount(dest_M, length=num_devices).astype(jnp.int32)
     starts_P = jnp.cumsum(counts_P) - counts_P
     rank_sorted = (jnp.arange(M) - starts_P[dest_M[order_M]]).astype(jnp.int32)
     slot_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted)
@@ -152,7 +154,7 @@ def pack_by_destination(
     send_e = (
         jnp.zeros((num_devices, M), jnp.int32).at[dest_M, slot_M].set(expert_M % experts_per_device)
     )
-    return send_x, send_e, Layout(dest_M, slot_M)
+    return send_x, send_e, Layout(dest_M, slot_M, counts_P)
 
 
 def _block_exchanges(
@@ -194,8 +196,7 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
     M = n * K
     E_local = w["wi_gate"].shape[0]
     send_x, send_expert, layout = pack_by_destination(x_nxD, experts_nxK, E_local, ep)
-    send_counts_P = jnp.bincount(layout.dest_M, length=ep).astype(jnp.int32)
-    there, back = _block_exchanges(exchange, axis, send_counts_P, M)
+    there, back = _block_exchanges(exchange, axis, layout.counts_P, M)
     recv_x, recv_expert = there(send_x), there(send_expert)
 
     # Empty slots hold zeros for expert 0 (the ragged kernel zeroes the rows past its counts):

@@ -35,17 +35,21 @@ def _close(a, b, scale=1.0):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=RTOL, atol=ATOL * scale)
 
 
-class TestMoePermute:
+class PermuteChecks:
+    """permute/combine of one build (VARIANT) against the references; the TPU build's tests
+    (tests/test_moe_kernels_tpu.py) reuse it."""
+
     INTERPRET = jax.default_backend() == "cpu"
+    VARIANT = "generic"
 
     def permute(self, *args, **kw):
-        return mp.permute(*args, interpret=self.INTERPRET, **kw)
+        return mp.permute(*args, interpret=self.INTERPRET, variant=self.VARIANT, **kw)
 
     def combine(self, *args, **kw):
-        return mp.combine(*args, interpret=self.INTERPRET, **kw)
+        return mp.combine(*args, interpret=self.INTERPRET, variant=self.VARIANT, **kw)
 
-    def check(self, n, k, e, d, block, seed):
-        """Values and gradients (w.r.t. x and the weights) against the references."""
+    def check(self, n, k, e, d, block, seed, grads=True):
+        """Values and (with grads) gradients w.r.t. x and the weights against the references."""
         rng = np.random.default_rng(seed)
         x = _normal(rng, (n, d))
         experts, weights = _routing(rng, n, k, e, skip_expert=seed % e)  # one empty expert
@@ -64,6 +68,8 @@ class TestMoePermute:
 
         out = self.combine(rows * 3.0, w_M, idx, block_sizes=block)
         _close(out, mp.combine_reference(ref_rows * 3.0, ref_w, ref_idx), scale=3 * k)
+        if not grads:
+            return
 
         def loss(permute_fn, combine_fn):
             def f(x, weights):
@@ -80,6 +86,8 @@ class TestMoePermute:
         for g, r in zip(grads, ref_grads, strict=True):
             _close(g, r, scale=2 * k)
 
+
+class TestMoePermute(PermuteChecks):
     @settings(max_examples=5, deadline=None)
     @given(
         n=st.integers(1, 19),
@@ -148,11 +156,14 @@ class TestMoePermute:
         assert mp.generic_movers(64) is mp.generic_movers(64)
 
 
-class TestGroupedGemm:
+class GroupedGemmChecks:
+    """grouped_gemm of one build (VARIANT) against ragged_dot; reused for the TPU build."""
+
     INTERPRET = jax.default_backend() == "cpu"
+    VARIANT = "generic"
 
     def gmm(self, *args, **kw):
-        return gg.grouped_gemm(*args, interpret=self.INTERPRET, **kw)
+        return gg.grouped_gemm(*args, interpret=self.INTERPRET, variant=self.VARIANT, **kw)
 
     def check(self, sizes, k, n, slack=0, block=None, seed=0):
         rng = np.random.default_rng(seed)
@@ -176,6 +187,21 @@ class TestGroupedGemm:
         empty = np.asarray(sizes) == 0
         np.testing.assert_array_equal(np.asarray(kernel_grads[1])[empty], 0.0)
 
+    def check_bf16(self):
+        """bf16 operands: bf16 output by default, f32 on request."""
+        rng = np.random.default_rng(4)
+        sizes = jnp.asarray([5, 0, 11], jnp.int32)
+        x = _normal(rng, (16, 8)).astype(jnp.bfloat16)
+        w = _normal(rng, (3, 8, 6)).astype(jnp.bfloat16)
+        out = self.gmm(x, w, sizes)
+        assert out.dtype == jnp.bfloat16
+        ref = gg.grouped_gemm_reference(x, w, sizes, out_dtype=jnp.float32)
+        np.testing.assert_allclose(np.float32(out), ref, rtol=1e-2, atol=1e-2)
+        out32 = self.gmm(x, w, sizes, out_dtype=jnp.float32)
+        _close(out32, ref, scale=8)
+
+
+class TestGroupedGemm(GroupedGemmChecks):
     @settings(max_examples=5, deadline=None)
     @given(
         sizes=st.lists(st.integers(0, 13), min_size=1, max_size=6),
@@ -196,16 +222,7 @@ class TestGroupedGemm:
         self.check([40, 3, 0, 17], k=24, n=40, block=gg.BlockSizes(16, 16, 16), seed=3)
 
     def test_bf16_inputs_and_out_dtype(self):
-        rng = np.random.default_rng(4)
-        sizes = jnp.asarray([5, 0, 11], jnp.int32)
-        x = _normal(rng, (16, 8)).astype(jnp.bfloat16)
-        w = _normal(rng, (3, 8, 6)).astype(jnp.bfloat16)
-        out = self.gmm(x, w, sizes)
-        assert out.dtype == jnp.bfloat16
-        ref = gg.grouped_gemm_reference(x, w, sizes, out_dtype=jnp.float32)
-        np.testing.assert_allclose(np.float32(out), ref, rtol=1e-2, atol=1e-2)
-        out32 = self.gmm(x, w, sizes, out_dtype=jnp.float32)
-        _close(out32, ref, scale=8)
+        self.check_bf16()
 
     def test_clear_errors(self):
         x, w, s = jnp.ones((6, 4)), jnp.ones((2, 4, 3)), jnp.asarray([3, 3], jnp.int32)

@@ -23,38 +23,15 @@ from pallas_kernels import grouped_gemm as gg
 from pallas_kernels import grouped_gemm_tpu as ggt
 from pallas_kernels import moe_permute as mp
 from pallas_kernels._blocks import kernel_variant
-from tests.test_moe_kernels import _close, _normal, _routing
+from tests.test_moe_kernels import GroupedGemmChecks, PermuteChecks
 
 ON_CPU = jax.default_backend() == "cpu"
 tpu_interpreter = pytest.mark.skipif(not ON_CPU, reason="interpreter check; compiled elsewhere")
 
 
-class _GroupedGemmChecks:
+class _GroupedGemmChecks(GroupedGemmChecks):
     INTERPRET: bool | pltpu.InterpretParams = ON_CPU
-
-    def gmm(self, *args, **kw):
-        return gg.grouped_gemm(*args, interpret=self.INTERPRET, variant="tpu", **kw)
-
-    def check(self, sizes, k, n, slack=0, block=None, seed=0):
-        rng = np.random.default_rng(seed)
-        sizes = jnp.asarray(sizes, jnp.int32)
-        m = int(sizes.sum()) + slack
-        x, w = _normal(rng, (m, k)), _normal(rng, (sizes.shape[0], k, n))
-        out = self.gmm(x, w, sizes, block_sizes=block)
-        ref = gg.grouped_gemm_reference(x, w, sizes)
-        assert out.shape == (m, n) and out.dtype == jnp.float32
-        _close(out, ref, scale=k)
-        np.testing.assert_array_equal(out[m - slack :], 0.0)
-
-        def grads(fn):
-            f = lambda x, w: jnp.sum(jnp.sin(fn(x, w, sizes)))
-            return jax.grad(f, argnums=(0, 1))(x, w)
-
-        kernel_grads = grads(lambda x, w, s: self.gmm(x, w, s, block_sizes=block))
-        for g, r in zip(kernel_grads, grads(gg.grouped_gemm_reference), strict=True):
-            _close(g, r, scale=max(k, n, m))
-        empty = np.asarray(sizes) == 0
-        np.testing.assert_array_equal(np.asarray(kernel_grads[1])[empty], 0.0)
+    VARIANT = "tpu"
 
 
 class TestGroupedGemmTpu(_GroupedGemmChecks):
@@ -78,15 +55,7 @@ class TestGroupedGemmTpu(_GroupedGemmChecks):
         self.check([40, 3, 0, 17], k=20, n=20, block=gg.BlockSizes(16, 16, 8), seed=3)
 
     def test_bf16_inputs_and_out_dtype(self):
-        rng = np.random.default_rng(4)
-        sizes = jnp.asarray([5, 0, 11], jnp.int32)
-        x = _normal(rng, (16, 8)).astype(jnp.bfloat16)
-        w = _normal(rng, (3, 8, 6)).astype(jnp.bfloat16)
-        out = self.gmm(x, w, sizes)
-        assert out.dtype == jnp.bfloat16
-        ref = gg.grouped_gemm_reference(x, w, sizes, out_dtype=jnp.float32)
-        np.testing.assert_allclose(np.float32(out), ref, rtol=1e-2, atol=1e-2)
-        _close(self.gmm(x, w, sizes, out_dtype=jnp.float32), ref, scale=8)
+        self.check_bf16()
 
     def test_variant_dispatch(self):
         x, w, s = jnp.ones((6, 4)), jnp.ones((2, 4, 3)), jnp.asarray([3, 3], jnp.int32)
@@ -136,45 +105,9 @@ class TestGroupedGemmTpuInterpreter(_GroupedGemmChecks):
         self.check([0, 9, 0, 6, 0], k=12, n=10, slack=3, block=gg.BlockSizes(4, 8, 8), seed=5)
 
 
-class _PermuteChecks:
+class _PermuteChecks(PermuteChecks):
     INTERPRET: bool | pltpu.InterpretParams = ON_CPU
-
-    def permute(self, *args, **kw):
-        return mp.permute(*args, interpret=self.INTERPRET, variant="tpu", **kw)
-
-    def combine(self, *args, **kw):
-        return mp.combine(*args, interpret=self.INTERPRET, variant="tpu", **kw)
-
-    def check(self, n, k, e, d, block, seed, grads=True):
-        rng = np.random.default_rng(seed)
-        x = _normal(rng, (n, d))
-        experts, weights = _routing(rng, n, k, e, skip_expert=seed % e)  # one empty expert
-        rows, w_M, sizes, idx = self.permute(x, experts, weights, e, block_sizes=block)
-        ref_rows, ref_w, ref_sizes, ref_idx = mp.permute_reference(x, experts, weights, e)
-        np.testing.assert_array_equal(rows, ref_rows)
-        np.testing.assert_array_equal(w_M, ref_w)
-        np.testing.assert_array_equal(sizes, ref_sizes)
-        assert int(sizes[seed % e]) == 0
-
-        out = self.combine(rows * 3.0, w_M, idx, block_sizes=block)
-        _close(out, mp.combine_reference(ref_rows * 3.0, ref_w, ref_idx), scale=3 * k)
-        if not grads:
-            return
-
-        def loss(permute_fn, combine_fn):
-            def f(x, weights):
-                r, wm, _, i = permute_fn(x, experts, weights, e)
-                return jnp.sum(jnp.sin(combine_fn(jnp.tanh(r) * 2.0, wm, i)))
-
-            return jax.grad(f, argnums=(0, 1))(x, weights)
-
-        grads = loss(
-            lambda *a: self.permute(*a, block_sizes=block),
-            lambda *a: self.combine(*a, block_sizes=block),
-        )
-        ref_grads = loss(mp.permute_reference, mp.combine_reference)
-        for g, r in zip(grads, ref_grads, strict=True):
-            _close(g, r, scale=2 * k)
+    VARIANT = "tpu"
 
 
 class TestMoePermuteTpu(_PermuteChecks):
