@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 
 import jax.numpy as jnp
 
@@ -39,6 +40,17 @@ class GroupedMatmul(enum.Enum):
 FP8_UNSUPPORTED = (GroupedMatmul.RAGGED_DOT, GroupedMatmul.REFERENCE)
 
 
+class EPExchange(enum.Enum):
+    """How token copies travel to their experts' devices and back under expert parallelism
+    (model/expert_parallel.py). Every exchange gives the same values and gradients."""
+
+    AUTO = "auto"  # RAGGED_ALL_TO_ALL on GPU/TPU, ALL_TO_ALL on CPU
+    ALL_TO_ALL = "all_to_all"  # padded blocks through lax.all_to_all
+    RAGGED_ALL_TO_ALL = "ragged_all_to_all"  # only the real rows (lax.ragged_all_to_all)
+    REMOTE_DMA = "remote_dma"  # the padded exchange as a Pallas TPU remote-DMA kernel
+    REMOTE_DMA_RAGGED = "remote_dma_ragged"  # the kernel moving only the used rows
+
+
 def _positive(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -60,6 +72,22 @@ def _positive_float(obj, *names: str) -> None:
             raise ValueError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
 
 
+def _finite_at_least(obj, name: str, low: float, *, strict: bool = False) -> None:
+    """A finite real number >= low (> low when strict); bools and strings are refused."""
+    value = getattr(obj, name)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and (value > low if strict else value >= low)):
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(
+            f"{type(obj).__name__}.{name} must be a finite number {bound}, got {value!r}"
+        )
+
+
+# Compute and parameter dtypes the layers are written and tested for; FP8 is not a dtype
+# here but the GEMM recipe of ModelConfig.fp8 (E4M3 codes with f32 scales).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class YarnConfig:
     """YaRN context extension applied to the decoupled RoPE dims (V3: factor 40 from 4K)."""
@@ -73,9 +101,11 @@ class YarnConfig:
 
     def __post_init__(self):
         _positive(self, "original_max_position")
-        _positive_float(self, "beta_fast", "beta_slow")
-        if not self.factor >= 1.0:
-            raise ValueError(f"YarnConfig.factor must be >= 1, got {self.factor!r}")
+        _finite_at_least(self, "factor", 1.0)
+        _finite_at_least(self, "beta_fast", 0.0, strict=True)
+        _finite_at_least(self, "beta_slow", 0.0, strict=True)
+        _finite_at_least(self, "mscale", 0.0)
+        _finite_at_least(self, "mscale_all_dim", 0.0)
         if self.beta_fast <= self.beta_slow:
             raise ValueError(
                 f"YarnConfig.beta_fast ({self.beta_fast}) must exceed beta_slow ({self.beta_slow})"
@@ -105,7 +135,10 @@ class MLAConfig:
                 f"MLAConfig.qk_rope_head_dim must be even (RoPE rotates pairs), "
                 f"got {self.qk_rope_head_dim}"
             )
-        _positive_float(self, "rope_theta")
+        # theta <= 1 makes every frequency >= 1 (and log(theta) <= 0 breaks YaRN's ramp).
+        _finite_at_least(self, "rope_theta", 1.0, strict=True)
+        if self.yarn is not None and not isinstance(self.yarn, YarnConfig):
+            raise ValueError(f"MLAConfig.yarn must be a YarnConfig or None, got {self.yarn!r}")
 
     @property
     def qk_head_dim(self) -> int:
@@ -127,6 +160,9 @@ class MoEConfig:
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
     # Rows per tile of the CPU tiled-scan grouped matmul; None picks one from the routed rows.
     tile_rows: int | None = None
+    # The expert-parallel exchange (used when the rules split experts over a mesh axis). A
+    # static field, so a jitted function retraces when it changes.
+    ep_exchange: EPExchange = EPExchange.AUTO
 
     def __post_init__(self):
         _positive(self, "num_experts", "top_k", "expert_dim", "num_groups", "top_groups")
@@ -162,6 +198,11 @@ class MoEConfig:
         if not isinstance(self.grouped_matmul, GroupedMatmul):
             raise ValueError(
                 f"MoEConfig.grouped_matmul must be a GroupedMatmul, got {self.grouped_matmul!r}"
+            )
+        if not isinstance(self.ep_exchange, EPExchange):
+            raise ValueError(
+                f"MoEConfig.ep_exchange must be an EPExchange "
+                f"({[e.value for e in EPExchange]}), got {self.ep_exchange!r}"
             )
 
 
@@ -224,11 +265,14 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             value = getattr(self, name)
             try:
-                is_float = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+                dtype_name = jnp.dtype(value).name
             except TypeError:
-                is_float = False
-            if not is_float:
-                raise ValueError(f"ModelConfig.{name} must name a float dtype, got {value!r}")
+                dtype_name = None
+            if dtype_name not in FLOAT_DTYPES:
+                raise ValueError(
+                    f"ModelConfig.{name} must be one of {FLOAT_DTYPES}, got {value!r} "
+                    "(V3's FP8 GEMMs are ModelConfig.fp8=FP8Config(), not a dtype)"
+                )
         if not isinstance(self.remat, RematPolicy):
             raise ValueError(f"ModelConfig.remat must be a RematPolicy, got {self.remat!r}")
         if not isinstance(self.mla, MLAConfig):
@@ -266,6 +310,7 @@ class ModelConfig:
             if moe is not None:
                 moe = dict(moe)
                 moe["grouped_matmul"] = GroupedMatmul(moe.get("grouped_matmul", "auto"))
+                moe["ep_exchange"] = EPExchange(moe.get("ep_exchange", "auto"))
                 moe = MoEConfig(**moe)
             fields["remat"] = RematPolicy(fields.get("remat", "none"))
             fp8 = fields.pop("fp8", None)

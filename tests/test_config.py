@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
+import jax.numpy as jnp
 import pytest
 
 import model
@@ -77,6 +79,22 @@ def test_count_params_matches_materialized_tiny():
         (lambda: tiny_config(moe=None), "moe"),
         (lambda: tiny_config(remat="full"), "remat"),
         (lambda: tiny_config(mtp_depth=-1), "mtp_depth"),
+        (lambda: tiny_config(dtype="float8_e4m3fn"), "ModelConfig.dtype"),
+        (lambda: tiny_config(dtype=jnp.float8_e5m2), "ModelConfig.dtype"),
+        (lambda: tiny_config(param_dtype="float8_e4m3fn"), "ModelConfig.param_dtype"),
+        (lambda: tiny_config(dtype="float64"), "ModelConfig.dtype"),
+        (lambda: MLAConfig(2, None, 8, 8, 4, 8, rope_theta=1.0), "rope_theta"),
+        (lambda: MLAConfig(2, None, 8, 8, 4, 8, rope_theta=0.5), "rope_theta"),
+        (lambda: MLAConfig(2, None, 8, 8, 4, 8, rope_theta=math.inf), "rope_theta"),
+        (lambda: MLAConfig(2, None, 8, 8, 4, 8, yarn={"factor": 4.0}), "MLAConfig.yarn"),
+        (lambda: YarnConfig(factor=math.nan, original_max_position=16), "factor"),
+        (lambda: YarnConfig(factor="4", original_max_position=16), "factor"),
+        (lambda: YarnConfig(4.0, 0), "original_max_position"),
+        (lambda: YarnConfig(4.0, 16.0), "original_max_position"),
+        (lambda: YarnConfig(4.0, 16, beta_fast=2.0, beta_slow=-1.0), "beta_slow"),
+        (lambda: YarnConfig(4.0, 16, beta_fast=0.0, beta_slow=-1.0), "beta_fast"),
+        (lambda: YarnConfig(4.0, 16, mscale=-0.5), r"YarnConfig\.mscale must"),
+        (lambda: YarnConfig(4.0, 16, mscale_all_dim=math.nan), "mscale_all_dim"),
     ],
 )
 def test_invalid_configs_name_the_field(make, field):
@@ -95,3 +113,14 @@ def test_configs_are_frozen_and_hashable():
 def test_model_config_json_round_trip(name):
     cfg = presets.get(name)
     assert ModelConfig.from_dict(json.loads(json.dumps(to_json(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", jnp.bfloat16])
+def test_compute_dtypes_are_accepted(dtype):
+    assert tiny_config(dtype=dtype, param_dtype=dtype).dtype == dtype
+
+
+def test_yarn_edge_values_are_accepted():
+    # factor 1 (no extension) and mscale 0 (no attention scaling) are valid YaRN settings.
+    yarn = YarnConfig(1.0, 16, mscale=0.0, mscale_all_dim=0.0)
+    assert MLAConfig(2, None, 8, 8, 4, 8, rope_theta=1.5, yarn=yarn).yarn == yarn
