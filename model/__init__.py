@@ -1,7 +1,16 @@
 """DeepSeek-V3 as pure Flax Linen modules: MLA, DeepSeekMoE, MTP, YaRN, HF checkpoint I/O."""
 
-from model import decode, presets
-from model.api import Output, ParamCount, count_params, forward, init, init_boxed, logical_axes
+from model import decode, hf, presets
+from model.api import (
+    Output,
+    ParamCount,
+    check_inputs,
+    count_params,
+    forward,
+    init,
+    init_boxed,
+    logical_axes,
+)
 from model.cache import KVCache, cache_bytes_per_token, mha_cache_bytes_per_token
 from model.config import (
     FP8Config,
@@ -32,11 +41,13 @@ __all__ = [
     "SpeculativeStats",
     "YarnConfig",
     "cache_bytes_per_token",
+    "check_inputs",
     "count_params",
     "decode",
     "forward",
     "generate",
     "generate_speculative",
+    "hf",
     "init",
     "init_boxed",
     "logical_axes",

@@ -49,6 +49,42 @@ def logical_axes(cfg: ModelConfig) -> dict:
     return nn.get_partition_spec(boxed)
 
 
+def _concrete(x) -> np.ndarray | None:
+    """x as numpy when its values are known here (not a tracer under a jit/vmap/grad)."""
+    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+
+
+def check_inputs(cfg: ModelConfig, tokens: jax.Array, positions: jax.Array | None = None) -> None:
+    """Raise ValueError unless tokens [B, T] lie in [0, vocab_size) and positions (default
+    0..T-1) in [0, max_seq_len); traced values (inside a jit) are skipped, shapes always checked.
+    """
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    if positions is None:
+        if tokens.shape[1] > cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {tokens.shape[1]} exceeds ModelConfig.max_seq_len "
+                f"{cfg.max_seq_len} (positions 0..T-1 must lie in [0, {cfg.max_seq_len}))"
+            )
+    elif positions.shape != tokens.shape:
+        raise ValueError(f"positions have shape {positions.shape}, tokens {tokens.shape}")
+    for name, x, bound, field in (
+        ("token ids", tokens, cfg.vocab_size, "vocab_size"),
+        ("positions", positions, cfg.max_seq_len, "max_seq_len"),
+    ):
+        values = None if x is None else _concrete(x)
+        if values is None or values.size == 0:
+            continue
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= bound:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"{name} must lie in [0, {bound}) (ModelConfig.{field} = {bound}), got {bad}"
+            )
+
+
 def forward(
     cfg: ModelConfig,
     variables: dict,
@@ -60,9 +96,17 @@ def forward(
     """Full-sequence forward pass. tokens [B, T] int; positions default to 0..T-1.
 
     With segment_ids [B, T], tokens attend only within their own segment (packed documents).
+    Token ids outside [0, vocab_size) and positions outside [0, max_seq_len) raise a
+    ValueError (`check_inputs`). Under your own `jax.jit` the values are traced and cannot be
+    checked (only the shapes are): there an id in [-vocab_size, 0) wraps around (numpy
+    indexing), any other out-of-range id turns its whole row's logits into NaN (attention
+    mixes its NaN embedding into every position), and a position past max_seq_len is rotated
+    as usual, beyond the lengths the model was built for. Call `model.check_inputs(cfg,
+    tokens, positions)` outside the jit to be safe.
     """
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    tokens = jnp.asarray(tokens)
+    positions = None if positions is None else jnp.asarray(positions)
+    check_inputs(cfg, tokens, positions)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     logits, mtp_logits, hidden, aux = Transformer(cfg).apply(
