@@ -39,6 +39,9 @@ class LRSchedule:
         for name in ("warmup_steps", "constant_steps", "decay_steps", "min_steps"):
             value = getattr(self, name)
             _check(self, name, isinstance(value, int) and value >= 0, "an int >= 0")
+        if self.decay_steps > 0:
+            # The cosine is optax's, a fraction of peak_lr: it needs a peak to decay from.
+            _check(self, "peak_lr", self.peak_lr > 0, "> 0 when decay_steps > 0")
 
     @property
     def boundaries(self) -> list[int]:
@@ -49,17 +52,27 @@ class LRSchedule:
             ends.append(total)
         return ends
 
-    def __call__(self, step: jax.Array | int) -> jax.Array:
-        warm_end, const_end, decay_end, min_end = self.boundaries
-        step = jnp.asarray(step, jnp.float32)
-        warmup = self.peak_lr * step / max(self.warmup_steps, 1)
-        progress = jnp.clip((step - const_end) / max(self.decay_steps, 1), 0.0, 1.0)
-        cosine = self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + jnp.cos(jnp.pi * progress))
-        return jnp.select(
-            [step < warm_end, step < const_end, step < decay_end, step < min_end],
-            [warmup, jnp.full_like(step, self.peak_lr), cosine, jnp.full_like(step, self.min_lr)],
-            jnp.full_like(step, self.final_lr),
+    def to_optax(self) -> optax.Schedule:
+        """The schedule as optax combinators (a phase of length 0 is never entered)."""
+        # optax refuses a cosine over 0 steps; such a phase is skipped by join_schedules anyway.
+        cosine = (
+            optax.cosine_decay_schedule(
+                self.peak_lr, self.decay_steps, alpha=self.min_lr / self.peak_lr
+            )
+            if self.decay_steps > 0
+            else optax.constant_schedule(self.min_lr)
         )
+        phases = [
+            optax.linear_schedule(0.0, self.peak_lr, self.warmup_steps),
+            optax.constant_schedule(self.peak_lr),
+            cosine,
+            optax.constant_schedule(self.min_lr),
+            optax.constant_schedule(self.final_lr),
+        ]
+        return optax.join_schedules(phases, self.boundaries)
+
+    def __call__(self, step: jax.Array | int) -> jax.Array:
+        return jnp.asarray(self.to_optax()(jnp.asarray(step, jnp.int32)), jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +116,7 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(
-            learning_rate=cfg.schedule,
+            learning_rate=cfg.schedule.to_optax(),
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,
@@ -112,3 +125,13 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
             mask=decay_mask,
         ),
     )
+
+
+def update_count(opt_state: optax.OptState) -> jax.Array | None:
+    """Updates the optimizer has applied: the step its learning-rate schedule reads (int32).
+
+    None for an optimizer without a schedule (a constant learning rate). A dropped
+    (non-finite) step leaves it where it was, so it can run behind the train state's step.
+    """
+    found = optax.tree_utils.tree_get(opt_state, "ScaleByScheduleState")
+    return None if found is None else found.count
