@@ -1,4 +1,4 @@
-"""Code-execution reward: run the completion's program on test cases in the sandbox (issue 6).
+"""Code-execution reward: run the completion's program on test cases in the sandbox (issues 6, 13).
 
     reward = Weighted({format_reward: 0.5, code_execution: 1.0})
     totals, per_function = reward(prompts, completions, tests=tests)
@@ -11,20 +11,48 @@ Test cases, per sample a list of any mix of (a single string is one assert case)
   - stdin/stdout: {"input": str, "output": str} or the tuple (input, output). Passes when the
     program exits 0 and its stdout equals the output after trailing whitespace is stripped
     from each line and trailing blank lines are dropped.
-  - assert: a string of Python (say "assert add(2, 3) == 5"), appended to the program and run
-    with empty stdin. Passes when the run exits 0.
+  - assert: one Python assert statement about the program (a message after a comma is
+    ignored), of one of these forms, where L is a literal (ast.literal_eval) of plain data:
+        assert E == L     or  L == E, E is None, E is True, E is False
+        assert math.isclose(E, L[, rel_tol=..][, abs_tol=..])   (or a bare isclose)
+        assert E          and  assert not E
+    Only E goes to the sandbox: the harness runs the program as __main__ (empty stdin), then
+    evaluates E in its namespace and reports the result as plain data (rl/code_harness.py);
+    L never leaves this process, which compares: `==` / `is` by rl.code_harness.equal
+    (floats within rel 1e-9, abs 1e-9 of each other; bool equals only bool; NaN nothing),
+    isclose as math.isclose with the test's tolerances (real numbers only), `assert E` by
+    the truthiness of the plain result. E is a value, never a verdict: it may not contain a
+    comparison, `and`/`or`/`not` or `x if c else y`, and where the expected value is a bool
+    (the last three forms, `== True`) E must call the program's own function (its callee is
+    not a builtin or a standard module), so no built-in check runs on objects the program
+    made. Any other assert is a malformed test case.
 Score = the fraction of cases passed. A crash, timeout, memory or output blow-up, or anything
 the sandbox refuses fails that case; nothing the completion does raises. Malformed test cases
 (the data, not the model) raise ValueError.
+
+Why a pass cannot be faked: the exit status alone never passes a case. An assert case passes
+only on the harness's report, authenticated with a per-run secret that the program cannot
+read (rl/sandbox_child.py `_run_case` says how it is kept), and a run that ends before the
+report (sys.exit, os._exit, a signal, closed descriptors, a crash) fails. More fundamentally,
+the sandbox never sees what a case expects (L, or the expected stdout), the comparison runs
+here on plain data (an object whose __eq__ always says yes is not plain data), and exactly
+one report per run counts, so a program that tampers with its own process in any way can at
+most choose the value it reports, which is what returning that value does anyway.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import enum
+import math
 import re
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from rl.code_harness import ABS_TOL, REL_TOL, NotPlain, decode, encode, equal
 from rl.rewards import RewardFn, parse
 from rl.sandbox import Limits, Status, run_python
 
@@ -39,11 +67,151 @@ class IOCase:
     stdout: str
 
 
+class Check(enum.Enum):
+    """How an assert case judges the value its expression reported."""
+
+    EQUAL = "equal"  # rl.code_harness.equal(value, expected)
+    CLOSE = "close"  # math.isclose(value, expected, rel_tol, abs_tol), real numbers only
+    TRUTHY = "truthy"  # assert E
+    FALSY = "falsy"  # assert not E
+
+
 @dataclass(frozen=True)
 class AssertCase:
-    """Python appended to the program; passing means exiting 0."""
+    """One assert statement (forms in the module docstring). Only `expression` enters the
+    sandbox; `check`, `expected` and the tolerances stay in the parent."""
 
     code: str
+    expression: str = field(init=False, compare=False, repr=False)
+    check: Check = field(init=False, compare=False, repr=False)
+    expected: object = field(init=False, compare=False, repr=False)
+    rel_tol: float = field(init=False, compare=False, repr=False)
+    abs_tol: float = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not isinstance(self.code, str):
+            raise ValueError(f"an assert case must be a str, got {self.code!r}")
+        for name, value in _parse_assert(self.code).items():
+            object.__setattr__(self, name, value)
+
+    def accepts(self, value) -> bool:
+        """Whether the plain value the sandbox reported for `expression` passes."""
+        if self.check is Check.TRUTHY or self.check is Check.FALSY:
+            return bool(value) is (self.check is Check.TRUTHY)
+        if self.check is Check.EQUAL:
+            return equal(value, self.expected, self.rel_tol, self.abs_tol)
+        if type(value) not in (int, float):
+            return False
+        try:
+            return math.isclose(value, self.expected, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
+        except OverflowError:  # an int too large for a float
+            return False
+
+
+_NOT_THE_PROGRAM = frozenset(dir(builtins)) | sys.stdlib_module_names
+_VERDICTS = (ast.Compare, ast.BoolOp, ast.IfExp)
+_MISSING = object()
+
+
+def _literal(node: ast.expr):
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return _MISSING
+
+
+def _program_call(node: ast.expr) -> bool:
+    """Whether `node` calls a function of the program's (rooted at a name that is neither a
+    builtin nor a standard module): `f(x)`, `Solution().solve(x)`, `f(x).method()`."""
+    if not isinstance(node, ast.Call):
+        return False
+    root = node.func
+    while isinstance(root, ast.Attribute | ast.Call | ast.Subscript):
+        root = root.func if isinstance(root, ast.Call) else root.value
+    return isinstance(root, ast.Name) and root.id not in _NOT_THE_PROGRAM
+
+
+def _is_isclose(node: ast.expr) -> bool:
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+        return node.attr == "isclose" and node.value.id == "math"
+    return isinstance(node, ast.Name) and node.id == "isclose"
+
+
+def _is_compare(node: ast.expr, op: type) -> bool:
+    return isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], op)
+
+
+def _is_verdict(node: ast.AST) -> bool:
+    return isinstance(node, _VERDICTS) or (
+        isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)
+    )
+
+
+class _Malformed(ValueError):
+    def __init__(self, code: str, why: str):
+        super().__init__(
+            f"assert case {code!r}: {why}; the forms allowed are `assert E == L`, `E is "
+            "None/True/False`, `math.isclose(E, L, ...)`, `assert f(..)` and `assert not f(..)`"
+            " with L a literal (see rl/code_reward.py)"
+        )
+
+
+def _parse_assert(code: str) -> dict:
+    """The derived fields of AssertCase(code); ValueError naming the case if malformed."""
+    try:
+        body = ast.parse(code).body
+    except SyntaxError as error:
+        raise _Malformed(code, f"not Python ({error.msg})") from None
+    if len(body) != 1 or not isinstance(body[0], ast.Assert):
+        raise _Malformed(code, "not exactly one assert statement")
+    test, tolerances = body[0].test, {"rel_tol": REL_TOL, "abs_tol": ABS_TOL}
+    if _is_compare(test, ast.Is):
+        expr, expected, check = test.left, _literal(test.comparators[0]), Check.EQUAL
+        if not any(expected is constant for constant in (None, True, False)):
+            raise _Malformed(code, "`is` compares only with None, True or False")
+    elif _is_compare(test, ast.Eq):
+        (expr, expected), check = _split(code, test.left, test.comparators[0]), Check.EQUAL
+    elif isinstance(test, ast.Call) and _is_isclose(test.func):
+        tolerances, check = _tolerances(code, test), Check.CLOSE
+        expr, expected = _split(code, *test.args)
+        if type(expected) not in (int, float):
+            raise _Malformed(code, f"isclose compares real numbers, not {expected!r}")
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        expr, expected, check = test.operand, None, Check.FALSY
+    else:
+        expr, expected, check = test, None, Check.TRUTHY
+    if any(_is_verdict(node) for node in ast.walk(expr)):
+        raise _Malformed(code, f"{ast.unparse(expr)} would compute the verdict in the sandbox")
+    if (check in (Check.TRUTHY, Check.FALSY) or type(expected) is bool) and not _program_call(expr):
+        raise _Malformed(code, f"a bool must come from the program's own function, not from "
+                               f"{ast.unparse(expr)}")  # fmt: skip
+    try:
+        encode(expected)
+    except NotPlain as error:
+        raise _Malformed(code, f"the expected value is not plain data ({error})") from None
+    return dict(expression=ast.unparse(expr), check=check, expected=expected, **tolerances)
+
+
+def _split(code: str, left: ast.expr, right: ast.expr) -> tuple[ast.expr, object]:
+    """(the expression to evaluate, the expected literal) of `left == right`, either order."""
+    on_right, on_left = _literal(right), _literal(left)
+    if on_right is not _MISSING and on_left is not _MISSING:
+        raise _Malformed(code, "both sides are literals, so nothing of the program is tested")
+    if on_right is not _MISSING:
+        return left, on_right
+    if on_left is not _MISSING:
+        return right, on_left
+    raise _Malformed(code, "one side must be a literal (the expected value)")
+
+
+def _tolerances(code: str, call: ast.Call) -> dict[str, float]:
+    """math.isclose's tolerances (its defaults where the test gives none)."""
+    found = {keyword.arg: _literal(keyword.value) for keyword in call.keywords}
+    if len(call.args) != 2 or set(found) - {"rel_tol", "abs_tol"}:
+        raise _Malformed(code, "isclose takes the value, the expected number, rel_tol, abs_tol")
+    if any(type(t) not in (int, float) or not 0 <= t < math.inf for t in found.values()):
+        raise _Malformed(code, "isclose's tolerances must be finite literal numbers >= 0")
+    return {"rel_tol": 1e-9, "abs_tol": 0.0} | {name: float(t) for name, t in found.items()}
 
 
 def extract_program(completion: str, max_chars: int = 65536) -> str | None:
@@ -77,7 +245,10 @@ def to_cases(spec, where: str = "tests") -> list[IOCase | AssertCase]:
         if isinstance(case, IOCase | AssertCase):
             cases.append(case)
         elif isinstance(case, str):
-            cases.append(AssertCase(case))
+            try:
+                cases.append(AssertCase(case))
+            except ValueError as error:
+                raise ValueError(f"{where}[{i}]: {error}") from None
         elif isinstance(case, dict) and set(case) == {"input", "output"}:
             cases.append(IOCase(str(case["input"]), str(case["output"])))
         elif isinstance(case, tuple | list) and len(case) == 2:
@@ -91,11 +262,17 @@ def to_cases(spec, where: str = "tests") -> list[IOCase | AssertCase]:
 
 
 def passes(program: str, case: IOCase | AssertCase, limits: Limits) -> bool:
-    """Run one case in the sandbox."""
-    if isinstance(case, AssertCase):
-        return run_python(f"{program}\n\n{case.code}\n", "", limits).status is Status.OK
-    result = run_python(program, case.stdin, limits)
-    return result.status is Status.OK and same_output(result.stdout, case.stdout)
+    """Run one case in the sandbox (one run per case) and judge it here."""
+    if isinstance(case, IOCase):
+        result = run_python(program, case.stdin, limits)
+        return result.status is Status.OK and same_output(result.stdout, case.stdout)
+    result = run_python(program, "", limits, evaluate=case.expression)
+    if result.status is not Status.OK or result.value is None:
+        return False
+    try:
+        return case.accepts(decode(result.value))
+    except ValueError:  # not in the harness's format: not the harness's report
+        return False
 
 
 DEFAULT_LIMITS = Limits(wall_s=5.0, cpu_s=5)

@@ -40,9 +40,11 @@ from __future__ import annotations
 import contextlib
 import enum
 import functools
+import hmac
 import json
 import os
 import pwd
+import secrets
 import selectors
 import shutil
 import signal
@@ -105,6 +107,7 @@ class Result:
     stderr: str
     wall_s: float
     cpu_s: float  # user + system time of the program, its children and the bootstrap
+    value: str | None = None  # `evaluate` runs: the harness's authenticated report, else None
 
 
 @dataclass(frozen=True)
@@ -158,16 +161,25 @@ def detect_isolation() -> Isolation:
 
 
 def run_python(
-    code: str, stdin: str = "", limits: Limits = Limits(), isolation: Isolation | None = None
+    code: str,
+    stdin: str = "",
+    limits: Limits = Limits(),
+    isolation: Isolation | None = None,
+    *,
+    evaluate: str | None = None,
 ) -> Result:
-    """Run `code` as __main__ with `stdin` under `limits`; never raises for what the code does."""
-    if not isinstance(code, str) or not isinstance(stdin, str):
-        raise TypeError(f"code and stdin must be str, got {type(code)} and {type(stdin)}")
+    """Run `code` as __main__ with `stdin` under `limits`; never raises for what the code does.
+    With `evaluate` (a Python expression), also evaluate it in the program's namespace once the
+    program has run and report the result as plain data (rl/code_harness.py) in Result.value."""
+    if not all(isinstance(x, str) for x in (code, stdin, "" if evaluate is None else evaluate)):
+        raise TypeError(f"code, stdin and evaluate must be str, got {code!r:.40}, "
+                        f"{stdin!r:.40}, {evaluate!r:.40}")  # fmt: skip
     isolation = detect_isolation() if isolation is None else isolation
     started = time.monotonic()
     try:
         with _Workspace(isolation) as space:
-            return _execute(space, space.config(isolation, code, limits), stdin, limits, started)
+            config = space.config(isolation, code, limits, evaluate=evaluate)
+            return _execute(space, config, stdin, limits, started)
     except Exception as error:  # the machinery failed (fork, disk), not the program
         return Result(Status.SANDBOX_ERROR, None, "", f"sandbox: {error!r}",
                       time.monotonic() - started, 0.0)  # fmt: skip
@@ -309,8 +321,10 @@ class _Workspace:
             json.dump(config, file)
         return [sys.executable, "-I", "-S", "-B", "-X", "utf8", _BOOTSTRAP, path]
 
-    def config(self, iso: Isolation, code="", limits=None, *, probe=False) -> dict:
+    def config(self, iso: Isolation, code="", limits=None, *, probe=False, evaluate=None):
+        secret = secrets.token_hex(32) if evaluate is not None else None
         return dict(probe=probe, source=code, workdir=self.workdir, uid=self.uid, report_fd=-1,
+                    evaluate=evaluate, secret=secret, result_fd=-1,
                     dedicated_uid=iso.dedicated_uid, user_namespace=iso.user_namespace,
                     network_namespace=iso.network_namespace, audit_hook=iso.audit_hook,
                     read_only_filesystem=iso.read_only_filesystem,
@@ -319,18 +333,24 @@ class _Workspace:
 
 
 def _execute(space: _Workspace, config: dict, stdin: str, limits: Limits, started: float):
-    report_r, report_w = os.pipe()
-    config["report_fd"] = report_w
+    pipes = {"report_fd": os.pipe()}
+    if config["evaluate"] is not None:
+        pipes["result_fd"] = os.pipe()
+    config.update((name, write) for name, (_, write) in pipes.items())
     try:
         proc = subprocess.Popen(space.argv(config), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, cwd=space.workdir, env=space.env(),
-                                start_new_session=True, pass_fds=(report_w,))  # fmt: skip
+                                start_new_session=True,
+                                pass_fds=[write for _, write in pipes.values()])  # fmt: skip
     except BaseException:
-        os.close(report_r)
+        for read, _ in pipes.values():
+            os.close(read)
         raise
     finally:
-        os.close(report_w)
-    streams = _Streams(proc, report_r, limits.max_output_bytes)
+        for _, write in pipes.values():
+            os.close(write)
+    result_fd = pipes["result_fd"][0] if "result_fd" in pipes else None
+    streams = _Streams(proc, pipes["report_fd"][0], result_fd, limits.max_output_bytes)
     try:
         why = streams.pump(stdin.encode(), started + limits.wall_s)
     finally:
@@ -357,7 +377,19 @@ def _execute(space: _Workspace, config: dict, stdin: str, limits: Limits, starte
         status = Status.MEMORY
     else:
         status = Status.ERROR
-    return Result(status, code, out, err, time.monotonic() - started, cpu)
+    value = None
+    if result_fd is not None and len(streams.result) < limits.max_output_bytes:  # not cut short
+        value = _authenticated(streams.result, config["secret"])
+    return Result(status, code, out, err, time.monotonic() - started, cpu, value)
+
+
+def _authenticated(data: bytes, secret: str) -> str | None:
+    """What the harness reported when the result pipe held exactly its one record, `secret`
+    newline report (one line of ASCII); None for anything else the program made of it."""
+    head, newline, report = bytes(data).partition(b"\n")
+    if not (newline and hmac.compare_digest(head, secret.encode())):
+        return None
+    return report.decode() if report and report.isascii() and b"\n" not in report else None
 
 
 def _stop(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
@@ -376,18 +408,26 @@ def _stop(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
 
 
 class _Streams:
-    """Feeds stdin and reads stdout, stderr and the report pipe without blocking."""
+    """Feeds stdin and reads stdout, stderr, the report pipe and the result pipe without
+    blocking."""
 
-    def __init__(self, proc: subprocess.Popen, report_fd: int, cap: int):
-        self.proc, self.report_fd, self.cap = proc, report_fd, cap
+    def __init__(self, proc: subprocess.Popen, report_fd: int, result_fd: int | None, cap: int):
+        self.proc, self.cap = proc, cap
         self.output = (bytearray(), bytearray())
         self.report = b""  # "ready" from the program, then "exit <wait status>" from the supervisor
+        self.result = bytearray()  # the harness's record (evaluate runs), capped like the output
+        self.buffers = {proc.stdout.fileno(): self.output[0], proc.stderr.fileno(): self.output[1],
+                        report_fd: None}  # fmt: skip
+        self.pipes = [report_fd]  # the two this class owns and closes
+        if result_fd is not None:
+            self.buffers[result_fd] = self.result
+            self.pipes.append(result_fd)
 
     def pump(self, data: bytes, deadline: float) -> Status | None:
         """Until the supervisor has exited and the pipes closed: None, or why it was cut short."""
         proc, selector = self.proc, selectors.DefaultSelector()
-        outs = {proc.stdout.fileno(): self.output[0], proc.stderr.fileno(): self.output[1]}
-        for fd in (*outs, self.report_fd):
+        outs = (proc.stdout.fileno(), proc.stderr.fileno())
+        for fd in self.buffers:
             selector.register(fd, selectors.EVENT_READ)
         try:
             pidfd = os.pidfd_open(proc.pid)
@@ -421,7 +461,7 @@ class _Streams:
                         if sent >= len(data):
                             selector.unregister(stdin_fd)
                             proc.stdin.close()
-                    elif not self._read(key.fd, outs, selector):
+                    elif not self._read(key.fd, selector):
                         return Status.OUTPUT_LIMIT
                 if pidfd is None and not exited:
                     flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
@@ -432,35 +472,33 @@ class _Streams:
             if pidfd is not None:
                 os.close(pidfd)
 
-    def _read(self, fd: int, outs: dict, selector) -> bool:
-        """Read what is there; False once an output stream passed the cap."""
+    def _read(self, fd: int, selector) -> bool:
+        """Read what is there; False once a capped stream passed the cap."""
         chunk = os.read(fd, 65536)
         if not chunk:
             selector.unregister(fd)
-        elif fd == self.report_fd:
+        elif (buffer := self.buffers[fd]) is None:
             self.report += chunk
         else:
-            outs[fd] += chunk
-            if len(outs[fd]) > self.cap:
-                del outs[fd][self.cap :]
+            buffer += chunk
+            if len(buffer) > self.cap:
+                del buffer[self.cap :]
                 return False
         return True
 
     def close(self) -> None:
         """Keep what the (now dead) processes left in the pipes, then close them."""
-        pipes = ((self.proc.stdout.fileno(), 0), (self.proc.stderr.fileno(), 1))
-        for fd, index in (*pipes, (self.report_fd, None)):
+        for fd, buffer in self.buffers.items():
             os.set_blocking(fd, False)
-            with_room = index is None or len(self.output[index]) < self.cap
             try:
-                while with_room and (chunk := os.read(fd, 65536)):
-                    if index is None:
+                while (buffer is None or len(buffer) < self.cap) and (chunk := os.read(fd, 65536)):
+                    if buffer is None:
                         self.report += chunk
                     else:
-                        self.output[index] += chunk[: self.cap - len(self.output[index])]
-                        with_room = len(self.output[index]) < self.cap
+                        buffer += chunk[: self.cap - len(buffer)]
             except OSError:
                 pass
         for file in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             file.close()
-        os.close(self.report_fd)
+        for fd in self.pipes:
+            os.close(fd)

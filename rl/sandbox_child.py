@@ -9,9 +9,11 @@ site-packages is on sys.path, so it imports only the standard library; rl/sandbo
 
 from __future__ import annotations
 
+import _thread
 import builtins
 import contextlib
 import ctypes
+import importlib.util
 import json
 import linecache
 import os
@@ -23,6 +25,7 @@ import traceback
 import types
 
 _SETUP_FAILED = 125
+_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "code_harness.py")
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
@@ -144,7 +147,7 @@ def _follow_python(old: str, new: str) -> None:
     sys.path_importer_cache.clear()
 
 
-def _apply_limits(limits: dict, processes: bool) -> None:
+def _apply_limits(limits: dict, processes: bool, harness_thread: bool = False) -> None:
     def lower(kind: int, soft: int, hard: int) -> None:
         current = resource.getrlimit(kind)[1]
         hard = hard if current == resource.RLIM_INFINITY else min(hard, current)
@@ -154,14 +157,19 @@ def _apply_limits(limits: dict, processes: bool) -> None:
     lower(resource.RLIMIT_AS, limits["memory_bytes"], limits["memory_bytes"])
     lower(resource.RLIMIT_FSIZE, limits["max_file_bytes"], limits["max_file_bytes"])
     lower(resource.RLIMIT_CORE, 0, 0)
-    if processes:
-        lower(resource.RLIMIT_NPROC, limits["max_processes"], limits["max_processes"])
+    if processes:  # the harness's own thread does not count against the program
+        most = limits["max_processes"] + harness_thread
+        lower(resource.RLIMIT_NPROC, most, most)
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _REFUSED = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.forkpty", "pty.spawn",
             "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "gc.get_objects",
-            "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New"}  # fmt: skip
+            "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New",
+            # other threads' frames and hooks into them: the way to the harness thread's state
+            "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
+            "sys._settraceallthreads", "sys._setprofileallthreads", "sys.addaudithook",
+            "sys.monitoring.register_callback"}  # fmt: skip
 _REFUSED_IMPORTS = {"_ctypes", "_posixsubprocess", "_xxsubinterpreters"}
 # event -> (argument positions holding paths to keep inside, positions holding a dir_fd)
 _PATH_EVENTS = {"os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.link": ((0, 1), (2, 3)),
@@ -172,10 +180,20 @@ _PATH_EVENTS = {"os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.link": (
                 "shutil.rmtree": ((0,), (1,))}  # fmt: skip
 
 
-def _audit_hook(workdir: str, allow_fork: bool):
-    """The PEP 578 hook: raises PermissionError for what the program may not do."""
+def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None = None):
+    """The PEP 578 hook: raises PermissionError for what the program may not do. `sealed` is
+    the (st_dev, st_ino) of a pipe the program may not reopen (through /proc/self/fd)."""
     root = os.path.realpath(workdir)
     other_process = re.compile(r"/proc/(\d+)(/|$)")
+    own_memory = re.compile(r"/proc/\d+(/task/\d+)?/mem$")
+    stat = os.stat
+
+    def is_sealed(path: object) -> bool:
+        try:
+            found = stat(path)
+        except (OSError, ValueError, TypeError):
+            return False
+        return (found.st_dev, found.st_ino) == sealed
 
     def refuse(event: str, detail: object = "") -> None:
         raise PermissionError(f"sandbox refused {event} {detail}".rstrip())
@@ -187,6 +205,8 @@ def _audit_hook(workdir: str, allow_fork: bool):
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
+            if sealed is not None and not isinstance(path, int) and is_sealed(path):
+                refuse(event, "of the result pipe")
             if isinstance(path, int) or (real := outside(path)) is None:
                 return
             writes = isinstance(flags, int) and flags & _WRITE_FLAGS
@@ -196,6 +216,8 @@ def _audit_hook(workdir: str, allow_fork: bool):
                 refuse(event, f"of a directory outside the work directory: {real}")
             if (match := other_process.match(real)) and int(match[1]) != os.getpid():
                 refuse(event, f"of another process's /proc entry: {real}")
+            if own_memory.match(real):  # where the harness thread keeps the run's secret
+                refuse(event, f"of the process's memory: {real}")
         elif event in _PATH_EVENTS:
             paths, dir_fds = _PATH_EVENTS[event]
             for i in paths:
@@ -220,6 +242,9 @@ def _child_main(config_path: str) -> None:
         cfg = json.load(file)
     libc = _Libc()
     try:
+        os.unlink(config_path)  # it holds the run's secret, and the program may share this uid
+        vault = [cfg.pop("secret").encode()] if cfg["evaluate"] is not None else None
+        harness = _load_harness() if cfg["evaluate"] is not None else None
         done = _enter(cfg, libc, _user_namespace, _network_namespace, _read_only_filesystem)
         if cfg["probe"]:
             print(json.dumps(done | _enter(cfg, libc, _dedicated_uid)))
@@ -231,6 +256,8 @@ def _child_main(config_path: str) -> None:
         _setup_failed(error)
     supervisor = os.getpid()
     if (program := os.fork()) != 0:
+        if cfg["result_fd"] >= 0:
+            os.close(cfg["result_fd"])  # the program's alone: it reaches the parent untouched
         _supervise(program, cfg["uid"] if cfg["dedicated_uid"] else None, cfg["report_fd"])
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -241,9 +268,13 @@ def _child_main(config_path: str) -> None:
         if os.getppid() != supervisor:
             os._exit(_SETUP_FAILED)
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        _apply_limits(cfg["limits"], processes=cfg["dedicated_uid"])
+        _apply_limits(cfg["limits"], cfg["dedicated_uid"], harness_thread=harness is not None)
         if cfg["audit_hook"]:
-            sys.addaudithook(_audit_hook(cfg["workdir"], allow_fork=cfg["dedicated_uid"]))
+            sealed = None
+            if cfg["result_fd"] >= 0:
+                pipe = os.fstat(cfg["result_fd"])
+                sealed = (pipe.st_dev, pipe.st_ino)
+            sys.addaudithook(_audit_hook(cfg["workdir"], cfg["dedicated_uid"], sealed))
     except Exception as error:
         _setup_failed(error)
     for name in ("subprocess", "_posixsubprocess", "ctypes", "_ctypes", "ctypes._endian"):
@@ -251,7 +282,10 @@ def _child_main(config_path: str) -> None:
         globals().pop(name, None)
     os.write(cfg["report_fd"], b"ready")
     os.close(cfg["report_fd"])
-    _run_program(cfg["source"])
+    if harness is None:
+        _run_program(cfg["source"])
+    else:
+        _run_case(cfg["source"], cfg["evaluate"], harness, vault, cfg["result_fd"])
 
 
 def _setup_failed(error: Exception):
@@ -318,14 +352,82 @@ def _children() -> set[int]:
         return set()
 
 
-def _run_program(source: str) -> None:
+def _main_module(source: str) -> dict:
+    """The namespace of a fresh __main__, as `python main.py` would run the program."""
     main = types.ModuleType("__main__")
     main.__file__ = "main.py"
     sys.modules["__main__"], sys.argv = main, ["main.py"]
     builtins.exit = builtins.quit = sys.exit  # site is not imported under -S
     linecache.cache["main.py"] = (len(source), None, source.splitlines(True), "main.py")
+    return main.__dict__
+
+
+def _load_harness() -> types.ModuleType:
+    """rl/code_harness.py as a module outside sys.modules (not importable by name)."""
+    spec = importlib.util.spec_from_file_location("code_harness", _HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_case(source: str, expression: str, harness, vault: list, result_fd: int):
+    """Run the program and evaluate `expression` on a thread of their own
+    (harness.run_case), then write `secret \\n encoded result` to `result_fd` and exit.
+
+    Why a second thread: the program shares this process, so whatever this thread holds is
+    in its reach through frames (sys._getframe(n).f_locals) if its code runs on this thread's
+    stack. On its own thread the program's stack ends at run_case, whose frame and module
+    hold nothing secret; what would reach this thread's frames is refused by the audit hook
+    (sys._current_frames, settrace/setprofile, new audit hooks, /proc/self/mem, reopening
+    the result pipe) or impossible off the main thread (signal handlers). What is left is
+    code of the program's run on this thread by the garbage collector or a signal handler:
+    after the program starts, this thread only runs the lines below, on locals bound before
+    it started (no global or builtin lookup), allocating nothing and raising nothing until the
+    secret has left `vault`, and no Python signal handler is left to run.
+    """
     try:
-        exec(compile(source, "main.py", "exec"), main.__dict__)
+        program = compile(source, "main.py", "exec")
+        case = compile(expression, "<case>", "eval")
+    except (SyntaxError, ValueError) as error:
+        traceback.print_exception(error)
+        sys.exit(1)
+    namespace = _main_module(source)
+    for signum in signal.valid_signals():
+        if callable(signal.getsignal(signum)):  # SIGINT's KeyboardInterrupt, in practice
+            signal.signal(signum, signal.SIG_DFL)
+    write, exit_, type_, bytes_, out, err = os.write, os._exit, type, bytes, sys.stdout, sys.stderr
+    gate, done, box = _thread.allocate_lock(), _thread.allocate_lock(), []
+    gate.acquire()
+    done.acquire()
+    open_gate, wait = gate.release, done.acquire
+    try:
+        _thread.start_new_thread(harness.run_case, (program, case, namespace, box, gate, done))
+    except RuntimeError as error:  # no thread to be had (memory, RLIMIT_NPROC)
+        _setup_failed(error)
+    open_gate()  # the program runs from here on
+    wait()
+    status = 1
+    try:
+        if box:
+            write(result_fd, vault.pop())  # shorter than PIPE_BUF: one atomic write
+            payload = box[0]
+            if type_(payload) is bytes_:
+                rest = b"\n" + payload
+                while rest:
+                    rest = rest[write(result_fd, rest) :]
+                status = 0
+    finally:
+        vault.clear()
+        for stream in (out, err):  # the program's buffered output, for the parent's Result
+            with contextlib.suppress(BaseException):  # a program's stream may be anything
+                stream.flush()
+        exit_(status)
+
+
+def _run_program(source: str) -> None:
+    namespace = _main_module(source)
+    try:
+        exec(compile(source, "main.py", "exec"), namespace)
     except SystemExit:
         raise
     except BaseException as error:

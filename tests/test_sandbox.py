@@ -1,4 +1,5 @@
-"""Hostile programs against rl/sandbox.py and the code-execution reward (issue 6).
+"""Hostile programs against rl/sandbox.py and the code-execution reward (issue 6); programs
+that try to fake a pass are in tests/test_code_reward_hostile.py (issue 13).
 
 Each hostile case checks the host afterwards (files untouched, no connection accepted, no
 process of the run left, limits hit), so it fails when the protection is missing. The escape
@@ -405,7 +406,7 @@ def test_reward_interface():
     combined = Weighted({format_reward: 1.0, reward: 1.0})
     totals, per_fn = combined(["", ""], [r1(ADD), ADD], tests=[IO_TESTS, IO_TESTS])
     assert totals == [2.0, 0.0] and per_fn["code_execution"] == [1.0, 0.0]
-    assert to_cases("assert 1") == [AssertCase("assert 1")]
+    assert to_cases("assert f(1) == 2") == [AssertCase("assert f(1) == 2")]
     assert to_cases([("1", "2")]) == [IOCase("1", "2")]
     with pytest.raises(ValueError, match=r"tests\[0\]\[0\]"):
         reward([""], [r1(ADD)], tests=[[{"stdin": "1"}]])
