@@ -6,7 +6,7 @@ per-device memory for several mesh layouts.
 Each device count is planned in its own child process started with
 XLA_FLAGS=--xla_force_host_platform_device_count=N (the flag only takes effect before jax
 initialises its backend). The child builds the TrainState abstractly (`jax.eval_shape`: no
-parameter is ever allocated), takes its shardings from `sharding.partition.state_shardings`,
+parameter is ever allocated), takes its shardings from `train.sharded_state.state_shardings`,
 and lowers and compiles the donated train step for each layout; per-device parameter and
 optimizer bytes come from the shardings, temporaries from XLA's `memory_analysis()` (a
 layout without it says so in the table, its fits marked "?").
@@ -20,11 +20,11 @@ moments, 12 bytes per parameter) fit at 128 devices once experts and the rest ar
 with fsdp 1 the 17B non-expert parameters are replicated (111 GB of parameters per device).
 
 The temporaries are those of the CPU lowering (XLA's buffer assignment, e.g. with
---xla_dump_to): the padded all-to-all of sharding/expert_parallel.py gives every device room
+--xla_dump_to): the padded all-to-all of model/expert_parallel.py gives every device room
 for expert x tokens x top_k rows (7 GiB per float32 buffer at expert 8; 64x the real rows at
 expert 64, hence ~1 TB), plain attention keeps float32 scores [heads, 4096, 4096] (8 GiB each),
 and under plain FSDP every device gathers each MoE layer's expert weights whole (its token
-routing is per device since sharding.expert_parallel.routed_experts; before, GSPMD sorted the
+routing is per device since model.expert_parallel.routed_experts; before, GSPMD sorted the
 routed copies of the whole global batch on every device).
 
 Global batch = batch_per_device x devices sequences of seq_len tokens in every layout (the same
@@ -51,9 +51,9 @@ import jax.numpy as jnp
 import model
 from model import RematPolicy
 from sharding.mesh import ParallelConfig, make_parallel
-from sharding.partition import state_shardings
 from sharding.rules import Rules
 from train.optimizer import OptimizerConfig, make_optimizer
+from train.sharded_state import state_shardings
 from train.state import init_state
 from train.step import LossConfig, make_train_step
 
@@ -64,7 +64,7 @@ _REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
+class MeshLayout:
     """One mesh to plan: axis sizes (fsdp None = the devices left over) and the rule preset."""
 
     devices: int
@@ -93,19 +93,19 @@ class Layout:
         return dataclasses.asdict(self) | {"rules": self.rules.value}
 
     @classmethod
-    def from_json(cls, data: dict) -> Layout:
+    def from_json(cls, data: dict) -> MeshLayout:
         return cls(**(data | {"rules": Rules(data["rules"])}))
 
 
 LAYOUTS = (
     # 64 devices: V3 trained with EP 64; 256 experts / 64 = 4 per device.
-    Layout(64, fsdp=1, expert=64, rules=Rules.FSDP_EP),
-    Layout(64, fsdp=8, expert=8, rules=Rules.FSDP_EP),
-    Layout(64, fsdp=64, rules=Rules.FSDP),
+    MeshLayout(64, fsdp=1, expert=64, rules=Rules.FSDP_EP),
+    MeshLayout(64, fsdp=8, expert=8, rules=Rules.FSDP_EP),
+    MeshLayout(64, fsdp=64, rules=Rules.FSDP),
     # 128 devices.
-    Layout(128, fsdp=2, expert=64, rules=Rules.FSDP_EP),
-    Layout(128, fsdp=16, expert=8, rules=Rules.FSDP_EP),
-    Layout(128, fsdp=8, expert=8, tensor=2, rules=Rules.FSDP_EP_TP),
+    MeshLayout(128, fsdp=2, expert=64, rules=Rules.FSDP_EP),
+    MeshLayout(128, fsdp=16, expert=8, rules=Rules.FSDP_EP),
+    MeshLayout(128, fsdp=8, expert=8, tensor=2, rules=Rules.FSDP_EP_TP),
 )
 
 
@@ -114,7 +114,7 @@ class PlanConfig:
     """What to compile: a model preset, the layouts, the per-device batch and remat policy."""
 
     model: str = "v3-671b"
-    layouts: tuple[Layout, ...] = LAYOUTS
+    layouts: tuple[MeshLayout, ...] = LAYOUTS
     devices: int | None = None  # plan only the layouts of this device count (None: all)
     seq_len: int = 4096
     batch_per_device: int = 1  # global batch = batch_per_device x devices sequences
@@ -135,7 +135,7 @@ class PlanConfig:
             counts = sorted({layout.devices for layout in self.layouts})
             raise ValueError(f"PlanConfig.devices = {self.devices!r}: layouts exist for {counts}")
 
-    def selected(self) -> tuple[Layout, ...]:
+    def selected(self) -> tuple[MeshLayout, ...]:
         return tuple(x for x in self.layouts if self.devices in (None, x.devices))
 
     def to_json(self) -> dict:
@@ -146,7 +146,7 @@ class PlanConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> PlanConfig:
-        layouts = tuple(Layout.from_json(x) for x in data["layouts"])
+        layouts = tuple(MeshLayout.from_json(x) for x in data["layouts"])
         return cls(**(data | {"layouts": layouts, "remat": RematPolicy(data["remat"])}))
 
 
@@ -200,7 +200,7 @@ def abstract_batch(global_batch: int, seq_len: int, sharding) -> dict:
     return batch
 
 
-def plan_layout(config: PlanConfig, layout: Layout) -> dict:
+def plan_layout(config: PlanConfig, layout: MeshLayout) -> dict:
     """Compile the train step under `layout` on the first `layout.devices` devices; one row."""
     cfg = model.presets.get(config.model).replace(remat=config.remat)
     opt_cfg = OptimizerConfig(moments_dtype=config.moments_dtype)

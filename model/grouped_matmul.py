@@ -17,10 +17,11 @@ from flax import struct
 
 from model.config import FP8Config, GroupedMatmul
 from model.fp8_grouped import fp8_tiled_scan
+from pallas_kernels import sort_by_expert as expert_order
 
 
 @struct.dataclass
-class SortedLayout:
+class ExpertRowBuffer:
     """Where each token copy sits in the expert-sorted (possibly padded) row buffer."""
 
     dest_M: jax.Array  # row of token copy m = n * K + k in the buffer
@@ -66,44 +67,32 @@ def choose_tile(num_rows: int, num_experts: int, max_tile: int = 256) -> int:
     return min(tile, max_tile)
 
 
-def sort_by_expert(experts_NxK: jax.Array, num_experts: int, tile: int) -> SortedLayout:
-    """Build the expert-sorted layout for the chosen experts of N tokens."""
+def sort_by_expert(experts_NxK: jax.Array, num_experts: int, tile: int) -> ExpertRowBuffer:
+    """Where the chosen experts' token copies of N tokens sit in the expert-sorted buffer
+    (pallas_kernels/sort_by_expert.py's sort, each group padded to `tile` rows)."""
     N, K = experts_NxK.shape
     M = N * K
-    flat_M = experts_NxK.reshape(M)
-    order_M = jnp.argsort(flat_M, stable=True)
-    sorted_experts_M = flat_M[order_M]
-    counts_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
-    padded_E = (counts_E + tile - 1) // tile * tile
-    start_E = jnp.cumsum(counts_E) - counts_E
-    padded_end_E = jnp.cumsum(padded_E)
-    padded_start_E = padded_end_E - padded_E
-    rank_M = jnp.arange(M, dtype=jnp.int32) - start_E[sorted_experts_M]
-    dest_sorted_M = padded_start_E[sorted_experts_M] + rank_M
-    dest_M = jnp.zeros((M,), jnp.int32).at[order_M].set(dest_sorted_M)
-
-    num_tiles = M if tile == 1 else -(-M // tile) + num_experts
-    rows = num_tiles * tile
-    source_P = jnp.full((rows,), N, jnp.int32).at[dest_M].set(jnp.arange(M) // K)
-    tile_starts = jnp.arange(num_tiles, dtype=jnp.int32) * tile
-    tile_expert = jnp.searchsorted(padded_end_E, tile_starts, side="right")
-    return SortedLayout(
+    rows = expert_order.sort_by_expert(experts_NxK.reshape(M), num_experts)
+    tiled = expert_order.tile_sorted_rows(rows.sizes_G, M, tile)
+    dest_M = tiled.dest_M[rows.position_M]
+    source_P = jnp.full((tiled.num_rows,), N, jnp.int32).at[dest_M].set(jnp.arange(M) // K)
+    return ExpertRowBuffer(
         dest_M=dest_M,
         source_P=source_P,
-        group_sizes_E=padded_E,
-        tile_expert=jnp.minimum(tile_expert, num_experts - 1).astype(jnp.int32),
-        used_tiles=padded_end_E[-1] // tile,
+        group_sizes_E=tiled.tile_count_E * tile,
+        tile_expert=tiled.tile_expert,
+        used_tiles=tiled.used_tiles[0],
         tile=tile,
     )
 
 
-def permute(x_NxD: jax.Array, layout: SortedLayout) -> jax.Array:
+def permute(x_NxD: jax.Array, layout: ExpertRowBuffer) -> jax.Array:
     """Gather token rows into the expert-sorted buffer [P, D] (zeros in padding rows)."""
     padded = jnp.concatenate([x_NxD, jnp.zeros((1, x_NxD.shape[1]), x_NxD.dtype)])
     return padded[layout.source_P]
 
 
-def unpermute(y_PxD: jax.Array, layout: SortedLayout, weights_NxK: jax.Array) -> jax.Array:
+def unpermute(y_PxD: jax.Array, layout: ExpertRowBuffer, weights_NxK: jax.Array) -> jax.Array:
     """Weighted sum of each token's expert outputs back in token order [N, D]."""
     N, K = weights_NxK.shape
     copies_NxKxD = y_PxD[layout.dest_M].reshape(N, K, -1)
@@ -169,7 +158,7 @@ _tiled_scan.defvjp(_tiled_scan_fwd, _tiled_scan_bwd)
 def grouped_matmul(
     x_PxI: jax.Array,
     w_ExIxO: jax.Array,
-    layout: SortedLayout,
+    layout: ExpertRowBuffer,
     impl: GroupedMatmul,
     fp8: FP8Config | None = None,
 ) -> jax.Array:

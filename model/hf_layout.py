@@ -77,7 +77,9 @@ class _Slot:
     map: _Map
 
 
-class _Layout(NamedTuple):
+class _CheckpointMap(NamedTuple):
+    """Every checkpoint tensor's slot in the variables tree, and each leaf's shapes."""
+
     slots: dict[str, _Slot]  # checkpoint name -> slot
     shapes: dict[_Leaf, tuple[int, ...]]  # full leaf shape
     stacks: dict[_Leaf, tuple[int, ...]]  # its leading stack axes (layer, expert)
@@ -141,9 +143,9 @@ def _moe(cfg: ModelConfig, fused: bool) -> list[_Entry]:
     return out
 
 
-def _layout(cfg: ModelConfig, *, fused: bool = False) -> _Layout:
+def _layout(cfg: ModelConfig, *, fused: bool = False) -> _CheckpointMap:
     """Every checkpoint tensor of `cfg` and every leaf of the variables tree."""
-    out = _Layout({}, {}, {})
+    out = _CheckpointMap({}, {}, {})
 
     def add(entries: list[_Entry], pre: str, stack: str, index: tuple[int, ...], size: tuple):
         for entry in entries:
@@ -190,3 +192,7 @@ def _mtp_duplicates(cfg: ModelConfig) -> dict[str, str]:
         out[pre + "embed_tokens.weight"] = "model.embed_tokens.weight"
         out[pre + "shared_head.head.weight"] = "lm_head.weight"
     return out
+
+
+# The old name, until model/hf.py imports _CheckpointMap (its owner changes that import).
+_Layout = _CheckpointMap

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from model import expert_parallel
 from model import grouped_matmul as gmm
 from model.config import FP8_UNSUPPORTED, FP8Config, GroupedMatmul, MoEConfig
 from model.layers import MLP, fp8_dot, partitioned_normal, swiglu
@@ -18,7 +19,6 @@ from pallas_kernels import moe_permute
 from pallas_kernels.fp8_grouped_gemm import BlockSizes as FP8GemmBlocks
 from pallas_kernels.fp8_grouped_gemm import fp8_grouped_gemm
 from pallas_kernels.grouped_gemm import grouped_gemm
-from sharding import expert_parallel
 
 
 @struct.dataclass
@@ -244,7 +244,9 @@ class MoE(nn.Module):
         w = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), w)
         # Under a mesh: per-device routing, or tokens sent to their experts' devices.
         local = functools.partial(routed_experts, cfg=c, fp8=self.fp8)
-        out_NxD = expert_parallel.routed_experts(x_NxD, experts_NxK, weights_NxK, w, local)
+        out_NxD = expert_parallel.routed_experts(
+            x_NxD, experts_NxK, weights_NxK, w, local, c.ep_exchange
+        )
         out_BxTxD = out_NxD.reshape(B, T, D)
         if c.num_shared_experts:
             shared = MLP(

@@ -4,10 +4,10 @@ Called inside `shard_map` over the expert mesh axis (size P). Every device holds
 [P, C, ...] whose block j is meant for device j; the kernel DMAs block j straight into slot
 [my index] of device j's receive buffer, so afterwards block i of the receive buffer came from
 device i. That is `jax.lax.all_to_all(x, axis, 0, 0, tiled=True)` (`ep_all_to_all_reference`),
-the padded exchange `sharding/expert_parallel.py` runs on CPU, and it is its own transpose:
+the padded exchange `model/expert_parallel.py` runs on CPU, and it is its own transpose:
 combine is the same exchange applied to the experts' outputs, and so is the gradient.
 Every block moves whole (capacity C, mostly empty rows); `ep_dispatch_ragged.py` moves only
-the used rows. The MoE layer runs this kernel under ParallelConfig.ep_exchange=remote_dma
+the used rows. The MoE layer runs this kernel under MoEConfig.ep_exchange=remote_dma
 (EPExchange.REMOTE_DMA; the ragged one is remote_dma_ragged).
 
     dispatch: token copies -> [P, M, D] by owner device -> exchange -> the owner's experts
@@ -31,6 +31,7 @@ Kernel design (interpret-tested on CPU only; this repository has no TPU in CI):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +39,44 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sharding.expert_parallel import Layout, pack_by_destination
+from pallas_kernels.sort_by_expert import sort_by_expert
 
 Interpret = bool | pltpu.InterpretParams
+
+
+# -- send buffers by destination device ----------------------------------------------------
+
+
+class DestinationSlots(NamedTuple):
+    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot; and
+    the used rows of each block (the ragged exchanges send only those)."""
+
+    dest_M: jax.Array
+    slot_M: jax.Array
+    counts_P: jax.Array  # int32
+
+
+def pack_by_destination(
+    x_nxD: jax.Array, experts_nxK: jax.Array, experts_per_device: int, num_devices: int
+) -> tuple[jax.Array, jax.Array, DestinationSlots]:
+    """Send buffers [P, n*K, D] (token rows) and [P, n*K] (local expert ids) by owner device.
+
+    Capacity n*K per destination: room for all of this device's copies, so none is dropped
+    (the padded, no-drop layout). Empty rows are zeros for expert 0.
+    """
+    n, K = experts_nxK.shape
+    M = n * K
+    expert_M = experts_nxK.reshape(M).astype(jnp.int32)
+    dest_M = expert_M // experts_per_device
+    # A copy's slot: its rank among the copies to the same device (stable, so token order).
+    by_dest = sort_by_expert(dest_M, num_devices)
+    slot_M = by_dest.rank_M
+    send_x = jnp.zeros((num_devices, M, x_nxD.shape[-1]), x_nxD.dtype)
+    send_x = send_x.at[dest_M, slot_M].set(x_nxD[jnp.arange(M) // K])
+    send_e = (
+        jnp.zeros((num_devices, M), jnp.int32).at[dest_M, slot_M].set(expert_M % experts_per_device)
+    )
+    return send_x, send_e, DestinationSlots(dest_M, slot_M, by_dest.sizes_G)
 
 
 # -- kernel --------------------------------------------------------------------------------
@@ -157,20 +193,18 @@ def dispatch(
     experts_per_device: int,
     axis_name: str,
     interpret: Interpret = False,
-) -> tuple[jax.Array, jax.Array, Layout]:
+) -> tuple[jax.Array, jax.Array, DestinationSlots]:
     """Token copies to the devices owning their experts: (rows [P, n*K, D] and local expert
-    ids [P, n*K] received from each device, the layout `combine` needs). Inside shard_map."""
+    ids [P, n*K] received from each device, the slots `combine` needs). Inside shard_map."""
     num_devices = lax.axis_size(axis_name)
-    send_x, send_e, layout = pack_by_destination(
-        x_nxD, experts_nxK, experts_per_device, num_devices
-    )
+    send_x, send_e, slots = pack_by_destination(x_nxD, experts_nxK, experts_per_device, num_devices)
     exchange = functools.partial(ep_all_to_all, axis_name=axis_name, interpret=interpret)
-    return exchange(send_x), exchange(send_e), layout
+    return exchange(send_x), exchange(send_e), slots
 
 
 def combine(
     y_PxMxD: jax.Array,
-    layout: Layout,
+    slots: DestinationSlots,
     weights_nxK: jax.Array,
     *,
     axis_name: str,
@@ -179,5 +213,5 @@ def combine(
     """Expert outputs back to their tokens' devices, summed with the top-k weights: [n, D]."""
     back = ep_all_to_all(y_PxMxD, axis_name=axis_name, interpret=interpret)
     n, K = weights_nxK.shape
-    y_nxKxD = back[layout.dest_M, layout.slot_M].reshape(n, K, -1)
+    y_nxKxD = back[slots.dest_M, slots.slot_M].reshape(n, K, -1)
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))

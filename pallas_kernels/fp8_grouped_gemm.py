@@ -28,7 +28,7 @@ float32 summation order. Fprop and Dgrad scales are per row and do not depend on
 Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
 lowering is checked from CPU by tests/test_kernel_lowering.py):
 - Quantization is jnp outside the kernels (as fp8_linear does), on the tile-padded buffers
-  (`grouped_gemm`'s `tile_layout`; padding rows are zeros and give zero codes): rows per
+  (`sort_by_expert.tile_sorted_rows`; padding rows are zeros and give zero codes): rows per
   1x128, the Wgrad's column tiles; weights once per expert (vmapped `quantize_blocks`).
 - Fprop/Dgrad kernel: grid (tiles, N / block_n) with grouped_gemm's tile -> expert map and
   `pl.when` for unused tiles; each used tile runs fp8_gemm.py's block loop (a `fori_loop`
@@ -71,12 +71,11 @@ from pallas_kernels.fp8 import FP8_DTYPE, quantize_blocks, quantize_rows
 from pallas_kernels.fp8_gemm import _feed_fp8_to_dot
 from pallas_kernels.fp8_gemm import _kernel as _fp8_block_loop
 from pallas_kernels.grouped_gemm import (
-    TileLayout,
     _check_operands,
     _from_buffer,
     _to_buffer,
-    tile_layout,
 )
+from pallas_kernels.sort_by_expert import TiledRows, tile_sorted_rows
 
 QBLOCK = 128  # V3's scale granularity: 1x128 tiles, 128x128 blocks, 128x1 tiles
 
@@ -157,7 +156,7 @@ def _fp8_gmm_kernel(te_ref, used_ref, x_ref, sx_ref, w_ref, sw_ref, o_ref, *, nu
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _fp8_gmm_call(x_q, x_s, w_q, w_s, layout: TileLayout, bs: BlockSizes, out_dtype, interpret):
+def _fp8_gmm_call(x_q, x_s, w_q, w_s, layout: TiledRows, bs: BlockSizes, out_dtype, interpret):
     """Buffer codes [P, K] (scales [P, K/128]) x expert codes [E, K, N] (scales
     [E, K/128, N/128]) -> [P, N] out_dtype."""
     p, k = x_q.shape
@@ -220,7 +219,7 @@ def _fp8_tgmm_kernel(start_ref, count_ref, x_ref, sx_ref, dy_ref, sdy_ref, o_ref
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _fp8_tgmm_call(x_q, x_s, dy_q, dy_s, layout: TileLayout, num_experts, bs, interpret):
+def _fp8_tgmm_call(x_q, x_s, dy_q, dy_s, layout: TiledRows, num_experts, bs, interpret):
     """Per-expert Q(X)^T Q(dY) over the buffers' column tiles -> [E, K, N] float32."""
     (p, k), n = x_q.shape, dy_q.shape[1]
     rows = bs.wgrad_rows
@@ -261,7 +260,7 @@ def _fp8_grouped_gemm(rows, weights, group_sizes, bs, pow2_scale, out_dtype, int
 
 
 def _fwd(rows, weights, group_sizes, bs, pow2_scale, out_dtype, interpret):
-    layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
+    layout = tile_sorted_rows(group_sizes, rows.shape[0], bs.block_m)
     w_q, w_s = quantize_weights(weights, pow2_scale)
     # Rows are quantized in the buffer: per-row scales are the same, and the padding rows
     # (zeros) give zero codes whatever their scale.
@@ -361,7 +360,7 @@ def fp8_grouped_gemm_fprop(
     (`quantize_rows`), w_q [E, K, N] e4m3 with [E, K/128, N/128] (`quantize_weights`)."""
     _check_codes(x_q, x_s, w_q, w_s, group_sizes_E)
     bs = block_sizes or BlockSizes()
-    layout = tile_layout(group_sizes_E, x_q.shape[0], bs.block_m)
+    layout = tile_sorted_rows(group_sizes_E, x_q.shape[0], bs.block_m)
     out = _fp8_gmm_call(
         _to_buffer(x_q, layout), _to_buffer(x_s, layout), w_q, w_s, layout, bs, out_dtype, interpret
     )
@@ -400,7 +399,7 @@ def _ragged_fp8_reference(x_q, x_s, w_q, w_s, group_sizes):
 def _wgrad_reference(x, dy, group_sizes, bs: BlockSizes, pow2_scale):
     """sum over expert e's column tiles of (Q(x_t)^T Q(dy_t)) * scales -> [E, K, N] f32."""
     e = group_sizes.shape[0]
-    layout = tile_layout(group_sizes, x.shape[0], bs.block_m)
+    layout = tile_sorted_rows(group_sizes, x.shape[0], bs.block_m)
     rows = bs.wgrad_rows
     x_q, x_s = quantize_tile_cols(_to_buffer(x, layout), rows, pow2_scale)
     dy_q, dy_s = quantize_tile_cols(_to_buffer(dy, layout), rows, pow2_scale)

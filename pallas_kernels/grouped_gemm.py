@@ -9,9 +9,10 @@ sum(group_sizes) give zeros. Empty experts are allowed.
 Design (never compiled or run on a device here: CI is CPU-only, interpret mode; the Triton
 lowering is checked from CPU by tests/test_kernel_lowering.py):
 - Tiles of one expert each: the wrapper scatters the rows into a buffer where each group is
-  padded to a multiple of block_m (as model/grouped_matmul.py's tiled layout), and builds a
-  tile -> expert map with jnp outside the kernel. The buffer has a static bound of
-  cdiv(M, block_m) + min(E, M) tiles; tiles past the used ones write zeros without a dot.
+  padded to a multiple of block_m and builds a tile -> expert map with jnp outside the
+  kernel (`sort_by_expert.tile_sorted_rows`, shared with model/grouped_matmul.py's tiled
+  scan). The buffer has a static bound of cdiv(M, block_m) + min(E, M) tiles; tiles past
+  the used ones write zeros without a dot.
   Megablox (jax.experimental.pallas.ops.tpu.megablox) instead visits tiles shared by two
   groups twice with row masks and accumulates across consecutive grid steps; that relies on
   the TPU's sequential grid, which Triton's parallel programs do not have. Padding costs one
@@ -41,18 +42,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._blocks import (
-    cdiv,
     check_positive_fields,
     generic_compiler_params,
     kernel_variant,
     round_up,
 )
+from pallas_kernels.sort_by_expert import TiledRows, tile_sorted_rows
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -95,49 +95,12 @@ def _check_operands(rows, weights, group_sizes) -> tuple[int, int, int, int]:
     return m, k, n, e
 
 
-@struct.dataclass
-class TileLayout:
-    """Where the rows go in the tile-padded buffer, and which expert owns each tile."""
-
-    dest_M: jax.Array  # buffer row of each input row; num_rows (dropped) past sum(sizes)
-    tile_expert: jax.Array  # [T] expert of each tile (clamped to E - 1 for unused tiles)
-    used_tiles: jax.Array  # [1] tiles holding rows
-    tile_start_E: jax.Array  # [E] first tile of each expert
-    tile_count_E: jax.Array  # [E] tiles of each expert (0 for an empty expert)
-    num_rows: int = struct.field(pytree_node=False)  # buffer rows, T * block_m
-
-
-def tile_layout(group_sizes_E: jax.Array, num_rows: int, block_m: int) -> TileLayout:
-    """Pad each group to a multiple of block_m; computed with jnp, outside the kernels."""
-    e = group_sizes_E.shape[0]
-    sizes = group_sizes_E.astype(jnp.int32)
-    tiles_E = (sizes + block_m - 1) // block_m
-    tile_end_E = jnp.cumsum(tiles_E)
-    tile_start_E = tile_end_E - tiles_E
-    end_E = jnp.cumsum(sizes)
-    m = jnp.arange(num_rows, dtype=jnp.int32)
-    expert_M = jnp.minimum(jnp.searchsorted(end_E, m, side="right"), e - 1)
-    rank_M = m - (end_E - sizes)[expert_M]
-    num_tiles = cdiv(num_rows, block_m) + min(e, num_rows)
-    buffer_rows = num_tiles * block_m
-    dest_M = jnp.where(m < end_E[-1], tile_start_E[expert_M] * block_m + rank_M, buffer_rows)
-    tile_expert = jnp.searchsorted(tile_end_E, jnp.arange(num_tiles), side="right")
-    return TileLayout(
-        dest_M=dest_M.astype(jnp.int32),
-        tile_expert=jnp.minimum(tile_expert, e - 1).astype(jnp.int32),
-        used_tiles=tile_end_E[-1:].astype(jnp.int32),
-        tile_start_E=tile_start_E.astype(jnp.int32),
-        tile_count_E=tiles_E,
-        num_rows=buffer_rows,
-    )
-
-
-def _to_buffer(x_MxC: jax.Array, layout: TileLayout) -> jax.Array:
+def _to_buffer(x_MxC: jax.Array, layout: TiledRows) -> jax.Array:
     buffer = jnp.zeros((layout.num_rows, x_MxC.shape[1]), x_MxC.dtype)
     return buffer.at[layout.dest_M].set(x_MxC, mode="drop")
 
 
-def _from_buffer(x_PxC: jax.Array, layout: TileLayout) -> jax.Array:
+def _from_buffer(x_PxC: jax.Array, layout: TiledRows) -> jax.Array:
     return jnp.take(x_PxC, layout.dest_M, axis=0, mode="fill", fill_value=0)
 
 
@@ -167,7 +130,7 @@ def _gmm_kernel(te_ref, used_ref, x_ref, w_ref, o_ref, *, block_k: int):
         o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
-def _gmm_call(x_PxK, w_ExKxN, layout: TileLayout, bs: BlockSizes, out_dtype, interpret):
+def _gmm_call(x_PxK, w_ExKxN, layout: TiledRows, bs: BlockSizes, out_dtype, interpret):
     """Tile-padded buffer [P, K] x [E, K, N] -> [P, N] (K and N zero-padded to block_k and
     block_n multiples inside)."""
     p, k = x_PxK.shape
@@ -211,7 +174,7 @@ def _tgmm_kernel(start_ref, count_ref, x_ref, dy_ref, o_ref, *, block_m: int):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, bs: BlockSizes, interpret):
+def _tgmm_call(x_PxK, dy_PxN, layout: TiledRows, bs: BlockSizes, interpret):
     """Per-expert X^T dY over the tile-padded buffers -> [E, K, N] float32."""
     (p, k), n = x_PxK.shape, dy_PxN.shape[1]
     num_experts = layout.tile_count_E.shape[0]
@@ -252,7 +215,7 @@ def custom_vjp_gemm(kernels: GemmKernels, name: str) -> Callable:
     the custom_vjp_call in jaxprs and profiles."""
 
     def forward(rows, weights, group_sizes, bs, out_dtype, interpret):
-        layout = tile_layout(group_sizes, rows.shape[0], bs.block_m)
+        layout = tile_sorted_rows(group_sizes, rows.shape[0], bs.block_m)
         x_buf = _to_buffer(rows, layout)
         y_buf = kernels.matmul(x_buf, weights, layout, bs, out_dtype, interpret)
         return _from_buffer(y_buf, layout), (x_buf, weights, layout)

@@ -3,12 +3,12 @@ scalar-prefetched index_map instead of inside the kernel.
 
     out[m] = rows[m] @ weights[e(m)],   e(m) = the expert whose contiguous group holds row m
 
-Same operands, math, tile-padded row layout (`tile_layout`), `BlockSizes` and custom VJP
-(`custom_vjp_gemm`) as pallas_kernels/grouped_gemm.py, whose public `grouped_gemm` runs this
-file's `grouped_gemm_tpu` with variant="tpu" (the default on a TPU backend). Only interpreted here
-(CPU CI, `interpret=True` or `pltpu.InterpretParams()`); never compiled by Mosaic or timed on
-a TPU, so nothing here is a claim about TPU speed. The Mosaic lowering (not the compile) is
-checked from CPU at V3 and odd shapes by tests/test_kernel_lowering.py.
+Same operands, math, tile-padded rows (`sort_by_expert.tile_sorted_rows`), `BlockSizes` and
+custom VJP (`custom_vjp_gemm`) as pallas_kernels/grouped_gemm.py, whose public `grouped_gemm`
+runs this file's `grouped_gemm_tpu` with variant="tpu" (the default on a TPU backend). Only
+interpreted here (CPU CI, `interpret=True` or `pltpu.InterpretParams()`); never compiled by
+Mosaic or timed on a TPU, so nothing here is a claim about TPU speed. The Mosaic lowering
+(not the compile) is checked from CPU at V3 and odd shapes by tests/test_kernel_lowering.py.
 
 Why a second build: grouped_gemm.py's kernels keep the weights' E and K axes (and, for dW,
 all buffer rows) resident in one block, which on GPU is a global-memory pointer but on TPU
@@ -61,9 +61,9 @@ from pallas_kernels._blocks import cdiv, round_up
 from pallas_kernels.grouped_gemm import (
     BlockSizes,
     GemmKernels,
-    TileLayout,
     custom_vjp_gemm,
 )
+from pallas_kernels.sort_by_expert import TiledRows
 
 Interpret = bool | pltpu.InterpretParams
 
@@ -120,7 +120,7 @@ def _live_step(i, j, k, used_ref, num_j: int, num_k: int):
 
 
 def _gmm_call(
-    x_PxK, w, layout: TileLayout, bs: BlockSizes, out_dtype, interpret, transpose_rhs=False
+    x_PxK, w, layout: TiledRows, bs: BlockSizes, out_dtype, interpret, transpose_rhs=False
 ):
     """Tile-padded buffer [P, K] x w [E, K, N] (or [E, N, K] with transpose_rhs) -> [P, N]."""
     p, k = x_PxK.shape
@@ -177,7 +177,7 @@ class VisitPlan:
     flags: jax.Array  # [V] FIRST (zero the accumulator) | LAST (write it) | LIVE (has rows)
 
 
-def visit_plan(layout: TileLayout, num_visits: int) -> VisitPlan:
+def visit_plan(layout: TiledRows, num_visits: int) -> VisitPlan:
     """Visits in expert order; `num_visits` is a static bound >= used tiles + empty experts."""
     count_E = layout.tile_count_E
     e = count_E.shape[0]
@@ -223,7 +223,7 @@ def _tgmm_kernel(tile_ref, expert_ref, flags_ref, x_ref, dy_ref, o_ref, acc_ref)
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _tgmm_call(x_PxK, dy_PxN, layout: TileLayout, bs: BlockSizes, interpret):
+def _tgmm_call(x_PxK, dy_PxN, layout: TiledRows, bs: BlockSizes, interpret):
     """Per-expert X^T dY over the tile-padded buffers -> [E, K, N] float32."""
     k, n = x_PxK.shape[1], dy_PxN.shape[1]
     e = layout.tile_count_E.shape[0]

@@ -8,7 +8,8 @@ Row p of the sorted buffer holds token copy `copy_M[p]` (= n * K + k); copies ar
 expert in expert order, and within an expert by token (a stable sort), which is the layout
 `grouped_gemm` (pallas_kernels/grouped_gemm.py) and `jax.lax.ragged_dot` take, with
 `group_sizes_E` rows per expert. `dest_NxK` is the inverse map. The sort itself is jnp
-(argsort) outside the kernels; the kernels only move rows by these precomputed indices.
+(pallas_kernels/sort_by_expert.py) outside the kernels; the kernels only move rows by these
+precomputed indices.
 
 Design (never compiled here: this repository's CI is CPU-only, interpret mode; the generic
 build's Triton lowering is checked by exporting for "cuda", which does not compile):
@@ -55,6 +56,7 @@ from pallas_kernels._blocks import (
     kernel_variant,
     round_up,
 )
+from pallas_kernels.sort_by_expert import sort_by_expert
 
 _FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -133,11 +135,8 @@ def _check_combine_args(rows, weights_M, indices: SortedIndices) -> None:
 def sort_indices(expert_idx_NxK: jax.Array, num_experts: int) -> tuple[SortedIndices, jax.Array]:
     """Stable expert order of the token copies (jnp argsort) and the rows per expert [E]."""
     n, k = expert_idx_NxK.shape
-    flat_M = expert_idx_NxK.reshape(n * k).astype(jnp.int32)
-    copy_M = jnp.argsort(flat_M, stable=True).astype(jnp.int32)
-    dest_M = jnp.zeros((n * k,), jnp.int32).at[copy_M].set(jnp.arange(n * k, dtype=jnp.int32))
-    group_sizes_E = jnp.bincount(flat_M, length=num_experts).astype(jnp.int32)
-    return SortedIndices(copy_M, dest_M.reshape(n, k)), group_sizes_E
+    rows = sort_by_expert(expert_idx_NxK.reshape(n * k), num_experts)
+    return SortedIndices(rows.order_M, rows.position_M.reshape(n, k)), rows.sizes_G
 
 
 # -- kernels -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
         state, metrics = step(state, global_batch(parallel, local_batch))
 
 Only this package knows mesh axis names (`data`, `fsdp`, `expert`, `tensor`); the model names
-its axes logically and `sharding.rules` maps one onto the other. Import the submodules
-directly (`from sharding.mesh import ...`): model/ imports sharding.expert_parallel, so this
-file stays empty of imports to keep that cycle-free.
+its axes logically and `sharding.rules` maps one onto the other. The MoE layer's
+expert-parallel exchange is the model's (model/expert_parallel.py, MoEConfig.ep_exchange).
+Import the submodules directly (`from sharding.mesh import ...`).
 """

@@ -1,6 +1,6 @@
 """The device mesh of an experiment: sizes of `data`, `fsdp`, `expert`, `tensor`, and the
-context (mesh + logical rules + expert-parallel exchange) that jitted model code is traced
-under."""
+context (mesh + logical rules) that jitted model code is traced under. How expert parallelism
+moves tokens is the model's choice: MoEConfig.ep_exchange (model/expert_parallel.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from sharding.expert_parallel import EPExchange, use_exchange
 from sharding.rules import BATCH_AXES, Rules
 
 AXES = ("data", "fsdp", "expert", "tensor")
@@ -20,16 +19,14 @@ AXES = ("data", "fsdp", "expert", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """Mesh axis sizes, the rule preset and how expert parallelism moves tokens. fsdp None
-    takes every device the other axes leave (so the default is plain FSDP over all devices,
-    and nothing at all on one device). ep_exchange: see sharding/expert_parallel.py."""
+    """Mesh axis sizes and the rule preset. fsdp None takes every device the other axes leave
+    (so the default is plain FSDP over all devices, and nothing at all on one device)."""
 
     data: int = 1
     fsdp: int | None = None
     expert: int = 1
     tensor: int = 1
     rules: Rules = Rules.FSDP
-    ep_exchange: EPExchange = EPExchange.AUTO
 
     def __post_init__(self):
         for name in ("data", "expert", "tensor") + (() if self.fsdp is None else ("fsdp",)):
@@ -38,12 +35,6 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.{name} must be a positive int, got {value!r}")
         if not isinstance(self.rules, Rules):
             raise ValueError(f"ParallelConfig.rules must be a Rules, got {self.rules!r}")
-        if not isinstance(self.ep_exchange, EPExchange):
-            valid = [e.value for e in EPExchange]
-            raise ValueError(
-                f"ParallelConfig.ep_exchange must be an EPExchange ({valid}), "
-                f"got {self.ep_exchange!r}"
-            )
 
     def shape(self, num_devices: int) -> tuple[int, int, int, int]:
         """(data, fsdp, expert, tensor) for this many devices, or a ValueError saying why not."""
@@ -59,12 +50,10 @@ class ParallelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Parallel:
-    """A mesh, its rules and the EP exchange: what the train step, init and generation run
-    under."""
+    """A mesh and its rules: what the train step, init and generation run under."""
 
     mesh: Mesh
     rules: Rules
-    ep_exchange: EPExchange = EPExchange.AUTO
 
     @property
     def logical_rules(self) -> tuple:
@@ -72,13 +61,8 @@ class Parallel:
 
     @contextlib.contextmanager
     def activate(self):
-        """Trace and run jitted code in here: the mesh is current, logical names resolve and
-        the MoE layer uses ep_exchange."""
-        with (
-            jax.set_mesh(self.mesh),
-            nn.logical_axis_rules(self.logical_rules),
-            use_exchange(self.ep_exchange),
-        ):
+        """Trace and run jitted code in here: the mesh is current and logical names resolve."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.logical_rules):
             yield self
 
     @property
@@ -99,4 +83,4 @@ def make_parallel(cfg: ParallelConfig, devices=None) -> Parallel:
     devices = jax.devices() if devices is None else list(devices)
     shape = cfg.shape(len(devices))
     mesh = jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
-    return Parallel(mesh=mesh, rules=cfg.rules, ep_exchange=cfg.ep_exchange)
+    return Parallel(mesh=mesh, rules=cfg.rules)

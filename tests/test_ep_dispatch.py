@@ -1,5 +1,5 @@
 """The expert-parallel remote-DMA exchanges and the EPExchange switch: argument checks and the
-config plumbing here, and in a child process with 8 forced host devices the interpreted
+config field here, and in a child process with 8 forced host devices the interpreted
 multi-device tests of tests/test_ep_dispatch_devices.py (tests/multidevice.py, as
 tests/test_sharding.py)."""
 
@@ -12,11 +12,12 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from experiments.overrides import apply
+from model import expert_parallel
+from model.config import EPExchange, MoEConfig
+from model.expert_parallel import resolve_exchange
 from pallas_kernels.ep_dispatch import ep_all_to_all
 from pallas_kernels.ep_dispatch_ragged import ep_ragged_all_to_all
-from sharding import expert_parallel
-from sharding.expert_parallel import EPExchange, resolve_exchange, use_exchange
-from sharding.mesh import ParallelConfig, make_parallel
+from sharding.mesh import ParallelConfig
 from tests.multidevice import run_on_8_devices
 from train.pretrain import PretrainConfig
 
@@ -52,23 +53,24 @@ def test_ragged_rejects_bad_counts_and_chunks():
     np.testing.assert_array_equal(run(x, jnp.array([7]), 2), x)
 
 
-def test_exchange_choice_from_config_and_overrides():
-    run = apply(PretrainConfig(), ["parallel.ep_exchange=remote_dma"])
-    assert run.parallel.ep_exchange is EPExchange.REMOTE_DMA
-    cfg = apply(ParallelConfig(), ["ep_exchange=REMOTE_DMA_RAGGED"])
+def test_exchange_choice_is_a_model_config_field():
+    run = apply(PretrainConfig(), ["model.moe.ep_exchange=remote_dma"])
+    assert run.model.moe.ep_exchange is EPExchange.REMOTE_DMA
+    moe = MoEConfig(8, 0, 2, 4)
+    assert moe.ep_exchange is EPExchange.AUTO
+    cfg = apply(moe, ["ep_exchange=REMOTE_DMA_RAGGED"])
     assert cfg.ep_exchange is EPExchange.REMOTE_DMA_RAGGED
     with pytest.raises(ValueError, match=r"expected one of .*'remote_dma'"):
-        apply(ParallelConfig(), ["ep_exchange=dma"])
-    with pytest.raises(ValueError, match=r"ParallelConfig\.ep_exchange must be an EPExchange"):
-        ParallelConfig(ep_exchange="remote_dma")
-    parallel = make_parallel(cfg, devices=jax.devices()[:1])
-    assert resolve_exchange() is EPExchange.ALL_TO_ALL  # AUTO on CPU
-    with parallel.activate():
-        assert resolve_exchange() is EPExchange.REMOTE_DMA_RAGGED
-        with use_exchange(EPExchange.RAGGED_ALL_TO_ALL):
-            assert resolve_exchange() is EPExchange.RAGGED_ALL_TO_ALL
-        assert resolve_exchange() is EPExchange.REMOTE_DMA_RAGGED
-    assert resolve_exchange() is EPExchange.ALL_TO_ALL
+        apply(moe, ["ep_exchange=dma"])
+    with pytest.raises(ValueError, match=r"MoEConfig\.ep_exchange must be an EPExchange"):
+        MoEConfig(8, 0, 2, 4, ep_exchange="remote_dma")
+    # Nothing ambient: the mesh config has no exchange to set.
+    with pytest.raises(ValueError, match="unknown field 'ep_exchange'"):
+        apply(ParallelConfig(), ["ep_exchange=remote_dma"])
+    assert resolve_exchange(EPExchange.AUTO) is EPExchange.ALL_TO_ALL  # AUTO on CPU
+    for exchange in EPExchange:
+        if exchange is not EPExchange.AUTO:
+            assert resolve_exchange(exchange) is exchange
 
 
 def test_remote_dma_is_an_error_on_gpu(monkeypatch):

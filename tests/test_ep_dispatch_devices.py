@@ -15,6 +15,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from model.config import EPExchange
+from model.expert_parallel import routed_experts_ep
 from pallas_kernels.ep_dispatch import (
     combine,
     dispatch,
@@ -26,7 +28,6 @@ from pallas_kernels.ep_dispatch_ragged import (
     ep_ragged_all_to_all_reference,
     exchange_counts,
 )
-from sharding.expert_parallel import EPExchange, routed_experts_ep
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices: run through tests/test_ep_dispatch.py"
@@ -115,7 +116,7 @@ def test_no_races(mode):
     assert not tpu_interpret.races.races_found
 
 
-# -- a MoE layer: dispatch, local experts, combine vs sharding/expert_parallel.py ------------
+# -- a MoE layer: dispatch, local experts, combine vs model/expert_parallel.py ---------------
 
 E, N, K, D, F = 16, 32, 2, 8, 6
 
@@ -314,9 +315,8 @@ def test_ragged_no_races_and_semaphores_end_at_zero(mode, capfd):
 # -- the MoE layer under every exchange ----------------------------------------------------
 
 
-def _moe_layer_run(exchange, router_bias):
-    """(output, gradients w.r.t. params and input) of one MoE layer under Parallel.activate()
-    with fsdp=2 x expert=4 and `exchange`: the layer reads it from the context."""
+def _moe_layer(exchange, router_bias=None):
+    """(MoE layer with `exchange`, its variables, an input x, the fsdp=2 x expert=4 mesh)."""
     from model.config import GroupedMatmul, MoEConfig
     from model.moe import MoE
     from sharding.mesh import ParallelConfig, make_parallel
@@ -328,20 +328,26 @@ def _moe_layer_run(exchange, router_bias):
         top_k=2,
         expert_dim=12,
         grouped_matmul=GroupedMatmul.DENSE,
+        ep_exchange=exchange,
     )
     layer = MoE(cfg, init_std=0.3)
     x = jax.random.normal(jax.random.key(5), (4, 64, 16))  # 256 tokens: 64 copies per device
     variables = layer.init(jax.random.key(6), x)
-    variables = {**variables, "router_bias": {"router": {"bias": router_bias}}}
-    parallel = make_parallel(
-        ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP, ep_exchange=exchange)
-    )
+    if router_bias is not None:
+        variables = {**variables, "router_bias": {"router": {"bias": router_bias}}}
+    parallel = make_parallel(ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP))
+    return layer, variables, x, parallel
+
+
+def _moe_layer_run(exchange, router_bias):
+    """(output, gradients w.r.t. params and input) of one MoE layer under Parallel.activate()
+    with fsdp=2 x expert=4 and MoEConfig.ep_exchange = `exchange`."""
+    layer, variables, x, parallel = _moe_layer(exchange, router_bias)
 
     def loss(params, x):
         out, _ = layer.apply({**variables, "params": params}, x)
         return jnp.sum(jnp.sin(out)), out
 
-    # A new function per exchange: the exchange is read at trace time, not a jit cache key.
     def run(params, x):
         return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
 
@@ -373,3 +379,33 @@ def test_moe_layer_is_the_same_under_every_exchange(exchange, routing):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+def test_one_jitted_function_follows_the_exchange_its_config_names():
+    """The exchange is a static config field, so jit keys on it: one jitted function called
+    with a config naming another exchange traces that exchange (a context variable read at
+    trace time would have kept the first)."""
+    import dataclasses
+
+    from model.moe import MoE
+
+    layer, variables, x, parallel = _moe_layer(EPExchange.ALL_TO_ALL)
+
+    @functools.partial(jax.jit, static_argnames="cfg")
+    def forward(variables, x, cfg):
+        return MoE(cfg, init_std=0.3).apply(variables, x)[0]
+
+    padded = layer.cfg
+    ragged = dataclasses.replace(padded, ep_exchange=EPExchange.RAGGED_ALL_TO_ALL)
+    with parallel.activate():
+        got = {}
+        for cfg in (padded, ragged, padded):
+            out = forward(variables, x, cfg=cfg)
+            got[cfg.ep_exchange] = out, forward.lower(variables, x, cfg=cfg).as_text()
+    (out_padded, text_padded), (out_ragged, text_ragged) = got.values()
+    # Padded: the rows and the expert ids there, the outputs back. The CPU emulation of the
+    # ragged exchange: the send sizes and two offset vectors, then 2 per exchange (rows and
+    # landing offsets) for rows, expert ids and outputs.
+    assert text_padded.count("all_to_all") == 3
+    assert text_ragged.count("all_to_all") == 3 + 2 * 3
+    np.testing.assert_allclose(np.asarray(out_ragged), np.asarray(out_padded), 1e-6, 1e-6)

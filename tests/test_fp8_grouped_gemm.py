@@ -39,7 +39,8 @@ from pallas_kernels.fp8_grouped_gemm import (
     fp8_grouped_gemm_reference,
     quantize_weights,
 )
-from pallas_kernels.grouped_gemm import _from_buffer, _to_buffer, tile_layout
+from pallas_kernels.grouped_gemm import _from_buffer, _to_buffer
+from pallas_kernels.sort_by_expert import tile_sorted_rows
 
 QB = 128
 ULP = 2.0**-24
@@ -173,7 +174,7 @@ class TestFp8GroupedGemm:
 
         x, w, g = _data(0, m, k, n, len(sizes))
         gs = jnp.asarray(sizes, jnp.int32)
-        layout = tile_layout(gs, m, tile)
+        layout = tile_sorted_rows(gs, m, tile)
         scan = lambda x, w: fp8_tiled_scan(
             x, w, layout.tile_expert, layout.used_tiles[0], tile, pow2_scale
         )

@@ -23,6 +23,7 @@ from pallas_kernels import grouped_gemm as gg
 from pallas_kernels import grouped_gemm_tpu as ggt
 from pallas_kernels import moe_permute as mp
 from pallas_kernels._blocks import kernel_variant
+from pallas_kernels.sort_by_expert import tile_sorted_rows
 from tests.test_moe_kernels import GroupedGemmChecks, PermuteChecks
 
 ON_CPU = jax.default_backend() == "cpu"
@@ -74,7 +75,7 @@ class TestGroupedGemmTpu(_GroupedGemmChecks):
         m = int(sizes.sum()) + 2
         num_visits = -(-m // block_m) + sizes.shape[0]
         layout, plan = jax.jit(
-            lambda s: (layout := gg.tile_layout(s, m, block_m), ggt.visit_plan(layout, num_visits))
+            lambda s: (rows := tile_sorted_rows(s, m, block_m), ggt.visit_plan(rows, num_visits))
         )(sizes)
         tile, expert, flags = (np.asarray(a) for a in (plan.tile, plan.expert, plan.flags))
         live = (flags & ggt.LIVE) != 0

@@ -11,8 +11,8 @@ import pytest
 from experiments import v3_671b_plan as plan
 from sharding.rules import Rules
 
-FSDP8 = plan.Layout(8, rules=Rules.FSDP)
-EP4 = plan.Layout(8, fsdp=2, expert=4, rules=Rules.FSDP_EP)
+FSDP8 = plan.MeshLayout(8, rules=Rules.FSDP)
+EP4 = plan.MeshLayout(8, fsdp=2, expert=4, rules=Rules.FSDP_EP)
 TINY = plan.PlanConfig(model="v3-tiny", layouts=(FSDP8, EP4), seq_len=32, timeout_s=300)
 
 
@@ -21,7 +21,7 @@ def test_layout_names_and_validation():
     assert plan.LAYOUTS[1].name == "fsdp 8 x expert 8 (fsdp_ep)"
     assert plan.LAYOUTS[-1].name == "fsdp 8 x expert 8 x tensor 2 (fsdp_ep_tp)"
     with pytest.raises(ValueError, match="does not fit 64 devices"):
-        plan.Layout(64, fsdp=3, expert=8)
+        plan.MeshLayout(64, fsdp=3, expert=8)
     with pytest.raises(ValueError, match="layouts exist for"):
         plan.PlanConfig(devices=32)
     assert plan.PlanConfig.from_json(json.loads(json.dumps(TINY.to_json()))) == TINY

@@ -12,12 +12,13 @@ import pytest
 
 import model
 from sharding.mesh import ParallelConfig, make_parallel
-from sharding.partition import global_batch, init_state_sharded
+from sharding.partition import global_batch
 from sharding.rules import Rules
 from tests.conftest import tiny_config
 from train.checkpoint import Checkpointer
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
 from train.packing import TOKENS, to_batch
+from train.sharded_state import init_state_sharded
 from train.step import LossConfig, make_train_step, objective
 
 pytestmark = pytest.mark.skipif(
@@ -178,9 +179,9 @@ def test_generation_under_a_mesh_equals_one_device():
 def test_expert_parallel_dispatch_equals_reference(ragged, routing):
     """Values and gradients of the EP layer against the loop-over-experts reference; the
     ragged path runs over the CPU emulation of ragged_all_to_all (its offsets are checked)."""
-    from model.config import GroupedMatmul, MoEConfig
+    from model.config import EPExchange, GroupedMatmul, MoEConfig
+    from model.expert_parallel import routed_experts_ep
     from model.moe import routed_experts, routed_experts_reference
-    from sharding.expert_parallel import EPExchange, routed_experts_ep
 
     N, D, F, E, K = 64, 16, 12, 8, 2
     keys = jax.random.split(jax.random.key(7), 5)

@@ -1,18 +1,18 @@
 """The routed experts under a mesh; expert parallelism: token copies travel to the device
-that owns their expert and back.
+that owns their expert and back. Part of the MoE layer (model/moe.py calls `routed_experts`).
 
-The MoE layer calls `routed_experts`. Without expert sharding but with the batch split, each
-device routes its own tokens through all-gathered expert weights. Under rules that map the
-logical `exp` axis onto a mesh axis of size > 1 (Rules.FSDP_EP and up) it runs
-`routed_experts_ep`:
+Without expert sharding but with the batch split, each device routes its own tokens through
+all-gathered expert weights. Under rules that map the logical `exp` axis onto a mesh axis of
+size > 1 (sharding's Rules.FSDP_EP and up) it runs `routed_experts_ep`:
 
   1. each device groups its token copies by destination (owner = expert // experts_per_device)
   2. an exchange over the expert axis delivers them; the owner runs its local experts
   3. the reverse exchange, then each token sums its top-k outputs with its routing weights
 
 No token is dropped: every receive buffer has room for all copies of every device, so it
-holds expert-axis-size x a device's copies, mostly empty. The exchange (`EPExchange`, chosen
-by ParallelConfig.ep_exchange and made current by Parallel.activate(), or `use_exchange`):
+holds expert-axis-size x a device's copies, mostly empty. The exchange is
+MoEConfig.ep_exchange (`EPExchange`, model/config.py), a static config field passed in, so a
+function jitted with one exchange retraces when the config names another:
 
   ALL_TO_ALL         padded blocks through `lax.all_to_all` (every block moves whole)
   RAGGED_ALL_TO_ALL  only the real rows, `lax.ragged_all_to_all`; on CPU, where that
@@ -26,24 +26,26 @@ by ParallelConfig.ep_exchange and made current by Parallel.activate(), or `use_e
 
 The remote-DMA kernels are Mosaic TPU kernels: compiled on TPU, run by the TPU interpreter on
 CPU (slow; for tests), an error on GPU. Every exchange gives the same values and gradients.
-The choice is read when the layer is traced: a function jitted under one exchange keeps it.
 Routing, and so the expert counts the bias update reads, is computed on the global batch
-outside, by GSPMD.
+outside, by GSPMD. The mesh and the logical-axis rules are the ones current at trace time
+(jax.set_mesh, nn.logical_axis_rules).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import enum
 import functools
-from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
+
+from model.config import EPExchange
+from pallas_kernels.ep_dispatch import ep_all_to_all, pack_by_destination
+from pallas_kernels.ep_dispatch_ragged import ep_ragged_all_to_all, exchange_counts
+from pallas_kernels.sort_by_expert import sort_by_expert
 
 EXPERTS = "exp"
 BATCH = "activation_batch"
@@ -53,37 +55,14 @@ BATCH = "activation_batch"
 # and at most 31 rows past a block's count travel with it.
 RAGGED_CHUNK_ROWS = 32
 
-
-class EPExchange(enum.Enum):
-    """How token copies travel to their experts' devices and back (see the module doc)."""
-
-    AUTO = "auto"
-    ALL_TO_ALL = "all_to_all"
-    RAGGED_ALL_TO_ALL = "ragged_all_to_all"
-    REMOTE_DMA = "remote_dma"
-    REMOTE_DMA_RAGGED = "remote_dma_ragged"
-
-
 _REMOTE_DMA = (EPExchange.REMOTE_DMA, EPExchange.REMOTE_DMA_RAGGED)
-_CURRENT_EXCHANGE = contextvars.ContextVar("ep_exchange", default=EPExchange.AUTO)
 
 
-@contextlib.contextmanager
-def use_exchange(exchange: EPExchange) -> Iterator[EPExchange]:
-    """The exchange `routed_experts` traces in here (Parallel.activate() enters this)."""
+def resolve_exchange(exchange: EPExchange) -> EPExchange:
+    """The concrete exchange for this backend: AUTO picks RAGGED_ALL_TO_ALL on GPU/TPU and
+    ALL_TO_ALL on CPU; remote DMA on GPU is an error."""
     if not isinstance(exchange, EPExchange):
         raise ValueError(f"ep_exchange must be an EPExchange, got {exchange!r}")
-    token = _CURRENT_EXCHANGE.set(exchange)
-    try:
-        yield exchange
-    finally:
-        _CURRENT_EXCHANGE.reset(token)
-
-
-def resolve_exchange(exchange: EPExchange | None = None) -> EPExchange:
-    """The concrete exchange for this backend: None is the current one, AUTO picks
-    RAGGED_ALL_TO_ALL on GPU/TPU and ALL_TO_ALL on CPU; remote DMA on GPU is an error."""
-    exchange = _CURRENT_EXCHANGE.get() if exchange is None else exchange
     backend = jax.default_backend()
     if exchange is EPExchange.AUTO:
         return EPExchange.ALL_TO_ALL if backend == "cpu" else EPExchange.RAGGED_ALL_TO_ALL
@@ -122,41 +101,6 @@ def _exchange(x_ExMx_: jax.Array, axis: str) -> jax.Array:
     return jax.lax.all_to_all(flat, axis, 0, 0, tiled=True).reshape(shape)
 
 
-class Layout(NamedTuple):
-    """Where each token copy m = n * K + k sits in the send buffer: block dest, row slot; and
-    the used rows of each block (the ragged exchanges send only those)."""
-
-    dest_M: jax.Array
-    slot_M: jax.Array
-    counts_P: jax.Array  # int32
-
-
-def pack_by_destination(
-    x_nxD: jax.Array, experts_nxK: jax.Array, experts_per_device: int, num_devices: int
-) -> tuple[jax.Array, jax.Array, Layout]:
-    """Send buffers [P, n*K, D] (token rows) and [P, n*K] (local expert ids) by owner device.
-
-    Capacity n*K per destination: room for all of this device's copies, so none is dropped
-    (the padded, no-drop layout). Empty rows are zeros for expert 0.
-    """
-    n, K = experts_nxK.shape
-    M = n * K
-    expert_M = experts_nxK.reshape(M).astype(jnp.int32)
-    dest_M = expert_M // experts_per_device
-    # A copy's slot: its rank among the copies to the same device (stable, so token order).
-    order_M = jnp.argsort(dest_M, stable=True)
-    counts_P = jnp.bincount(dest_M, length=num_devices).astype(jnp.int32)
-    starts_P = jnp.cumsum(counts_P) - counts_P
-    rank_sorted = (jnp.arange(M) - starts_P[dest_M[order_M]]).astype(jnp.int32)
-    slot_M = jnp.zeros((M,), jnp.int32).at[order_M].set(rank_sorted)
-    send_x = jnp.zeros((num_devices, M, x_nxD.shape[-1]), x_nxD.dtype)
-    send_x = send_x.at[dest_M, slot_M].set(x_nxD[jnp.arange(M) // K])
-    send_e = (
-        jnp.zeros((num_devices, M), jnp.int32).at[dest_M, slot_M].set(expert_M % experts_per_device)
-    )
-    return send_x, send_e, Layout(dest_M, slot_M, counts_P)
-
-
 def _block_exchanges(
     exchange: EPExchange, axis: str, send_counts_P: jax.Array, capacity: int
 ) -> tuple[Callable, Callable]:
@@ -165,12 +109,6 @@ def _block_exchanges(
     if exchange is EPExchange.ALL_TO_ALL:
         there = functools.partial(_exchange, axis=axis)
         return there, there
-    # Imported here: the kernels import this module (pack_by_destination, Layout).
-    from jax.experimental.pallas import tpu as pltpu
-
-    from pallas_kernels.ep_dispatch import ep_all_to_all
-    from pallas_kernels.ep_dispatch_ragged import ep_ragged_all_to_all, exchange_counts
-
     interpret = pltpu.InterpretParams() if jax.default_backend() == "cpu" else False
     if exchange is EPExchange.REMOTE_DMA:
         there = functools.partial(ep_all_to_all, axis_name=axis, interpret=interpret)
@@ -195,8 +133,8 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
     n, K = experts_nxK.shape
     M = n * K
     E_local = w["wi_gate"].shape[0]
-    send_x, send_expert, layout = pack_by_destination(x_nxD, experts_nxK, E_local, ep)
-    there, back = _block_exchanges(exchange, axis, layout.counts_P, M)
+    send_x, send_expert, slots = pack_by_destination(x_nxD, experts_nxK, E_local, ep)
+    there, back = _block_exchanges(exchange, axis, slots.counts_P, M)
     recv_x, recv_expert = there(send_x), there(send_expert)
 
     # Empty slots hold zeros for expert 0 (the ragged kernel zeroes the rows past its counts):
@@ -209,7 +147,7 @@ def _dispatch_compute_combine(x_nxD, experts_nxK, weights_nxK, w, *, local_exper
         w,
     )
     y_back = back(y_RxD.reshape(ep, M, -1))
-    y_nxKxD = y_back[layout.dest_M, layout.slot_M].reshape(n, K, -1)
+    y_nxKxD = y_back[slots.dest_M, slots.slot_M].reshape(n, K, -1)
     return jnp.einsum("nkd,nk->nd", y_nxKxD, weights_nxK.astype(y_nxKxD.dtype))
 
 
@@ -240,10 +178,8 @@ def _dispatch_ragged(x_nxD, experts_nxK, weights_nxK, w, *, local_experts, axis)
     M = n * K
     E_local = w["wi_gate"].shape[0]
     expert_M = experts_nxK.reshape(M)
-    dest_M = expert_M // E_local
-    order_M = jnp.argsort(dest_M, stable=True)  # copies grouped by destination device
-    send_sizes = jnp.bincount(dest_M, length=ep).astype(jnp.int32)
-    send_starts = jnp.cumsum(send_sizes) - send_sizes
+    by_dest = sort_by_expert(expert_M // E_local, ep)  # copies grouped by destination device
+    order_M, send_sizes, send_starts = by_dest.order_M, by_dest.sizes_G, by_dest.starts_G
     recv_sizes = jax.lax.all_to_all(send_sizes, axis, 0, 0, tiled=True)
     recv_starts = jnp.cumsum(recv_sizes) - recv_sizes
     land_there = jax.lax.all_to_all(recv_starts, axis, 0, 0, tiled=True)
@@ -287,20 +223,22 @@ def routed_experts(
     weights_NxK: jax.Array,
     w: dict[str, jax.Array],
     local_experts: Callable,
+    exchange: EPExchange,
 ) -> jax.Array:
     """sum_k weight_k * Expert_k(x) as the current mesh and rules say.
 
     `local_experts(x, experts, weights, w)` is the single-device computation. Experts split
-    over a mesh axis: tokens travel to them (`routed_experts_ep`). Otherwise, with the batch
-    split: each device routes its own tokens through gathered expert weights (left to GSPMD,
-    the sort by expert would run on the global batch on every device). No mesh: local.
+    over a mesh axis: tokens travel to them by `exchange` (`routed_experts_ep`). Otherwise,
+    with the batch split: each device routes its own tokens through gathered expert weights
+    (left to GSPMD, the sort by expert would run on the global batch on every device). No
+    mesh: local.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return local_experts(x_NxD, experts_NxK, weights_NxK, w)
     axis = active_axis()
     if axis is not None:
-        return routed_experts_ep(x_NxD, experts_NxK, weights_NxK, w, local_experts, axis)
+        return routed_experts_ep(x_NxD, experts_NxK, weights_NxK, w, local_experts, axis, exchange)
     batch = _token_axes(mesh, x_NxD.shape[0])
     if not batch:
         return local_experts(x_NxD, experts_NxK, weights_NxK, w)
@@ -322,12 +260,12 @@ def routed_experts_ep(
     w: dict[str, jax.Array],
     local_experts: Callable,
     axis: str,
-    exchange: EPExchange | None = None,
+    exchange: EPExchange,
 ) -> jax.Array:
     """sum_k weight_k * Expert_k(x) with experts split over `axis` (see the module doc).
 
-    `local_experts(x, experts, weights, w_local)` computes a device's own experts. exchange
-    (default: the current one, see `use_exchange`) says how token copies travel.
+    `local_experts(x, experts, weights, w_local)` computes a device's own experts; exchange
+    (MoEConfig.ep_exchange) says how token copies travel.
     """
     exchange = resolve_exchange(exchange)
     if exchange is EPExchange.RAGGED_ALL_TO_ALL:
