@@ -1,22 +1,21 @@
 """One assert case's result, from the sandboxed program to the parent (issue 13).
 
-Both halves of the wire format live here so that they cannot drift apart:
-  - in the sandbox, `run_case` runs on the program's own thread: it executes the program as
-    __main__, evaluates the case's expression (say `add(2, 3)`) in its namespace and
-    serialises the result with marshal (version 2: no back-references, every object written
-    out in full); rl/sandbox_child.py loads this file by path and reports the bytes, in hex,
-    to the parent under the run's secret;
-  - in the parent, `decode` parses that hex (a strict parser of its own, never marshal.loads,
-    which is not safe on untrusted data) into plain data, and `equal` compares it with the
-    expected value, which never enters the sandbox.
+In the sandbox (rl/sandbox_child.py, `_run_case`) the program runs as __main__ on a thread of
+its own, the case's expression (say `add(2, 3)`) is evaluated in its namespace and the value
+serialised with marshal, version 2 (no back-references: every object written out in full);
+the harness reports the bytes, in hex, to the parent under the run's secret. Here, in the
+parent, `decode` parses that hex (with a strict parser of its own, never marshal.loads, which
+is not safe on untrusted data) into plain data, and `equal` compares it with the expected
+value, which never enters the sandbox. `encode` is what the sandbox does, for the parent to
+check that an expected value is plain data.
 
 Plain data is None, bool, int (below 2**15000), float, complex, str, bytes and list, tuple,
 dict, set and frozenset of plain data, nested at most MAX_DEPTH deep. marshal takes each of
 exactly that type and refuses subclasses (an int whose __eq__ says True to everything is not
 plain data) and every other object; a bytes-like object (bytearray, memoryview, a bytes
-subclass) is written as its bytes. marshal is C code: no method of the program's runs while
-it serialises, so the result is the value the expression returned, whatever the program
-rebinds (builtins, json, repr) before or during the case.
+subclass) is written as its bytes. marshal is C code bound before the program runs: no method
+of the program's runs while it serialises, so the report is the value the expression
+returned, whatever the program rebinds (builtins, json, repr, marshal.dumps).
 
 `equal(actual, expected)`: bool equals only bool and None only None; numbers (int, float,
 complex) equal when both are ints and identical, else when math.isclose / cmath.isclose with
@@ -33,43 +32,19 @@ import cmath
 import marshal
 import math
 import struct
-import traceback
 
 MAX_DEPTH = 64
 MAX_INT_DIGITS = 1000  # marshal's 15-bit digits: 2**15000, past Python's 4300-digit str limit
 REL_TOL = ABS_TOL = 1e-9
-_VERSION = 2
-_eval = eval  # bound at import, before any program runs: a program may rebind builtins.eval
+_VERSION = 2  # as rl/sandbox_child.py writes it
 
 
 class NotPlain(ValueError):
     """The value is not plain data (see the module docstring)."""
 
 
-def run_case(program, case, namespace: dict, box: list, gate, done) -> None:
-    """In the sandbox, on the program's thread: run `program` (a code object) in `namespace`,
-    evaluate `case` there and append its serialisation to `box`; release `done` in any event."""
-    # Locals, bound before the program runs: its code can rebind builtins, module attributes
-    # and (reaching this frame through sys._getframe) this module's globals, but not the
-    # locals of a running frame.
-    evaluate, dumps, append, release = _eval, marshal.dumps, box.append, done.release
-    gate.acquire()  # the harness thread has finished its setup
-    try:
-        exec(program, namespace)
-        append(dumps(evaluate(case, namespace), _VERSION).hex().encode())
-    except SystemExit:  # the program ended before the case ran: no result
-        pass
-    except BaseException as error:  # no result; the traceback from the program's frame on
-        traceback.print_exception(error.with_traceback(error.__traceback__.tb_next))
-    finally:
-        try:  # noqa: SIM105 (no library code on this path once the program has run)
-            release()
-        except RuntimeError:  # the program released it already
-            pass
-
-
 def encode(value) -> str:
-    """The report `run_case` makes of `value` (hex); NotPlain if it is not plain data."""
+    """The report the sandbox makes of `value` (hex); NotPlain if it is not plain data."""
     try:
         text = marshal.dumps(value, _VERSION).hex()
         decode(text)

@@ -29,6 +29,14 @@ a layer that then fails to come up is a SANDBOX_ERROR, never a silent downgrade.
   hook; it is the only network and filesystem barrier where the kernel layers are missing (an
   unprivileged container without user namespaces).
 
+With `evaluate=` (the code-execution reward's assert cases), the program's process runs the
+code on a thread of its own, evaluates the expression in its namespace and writes the value's
+marshal bytes to a pipe of its own, after a per-run secret (`secrets.token_hex`, written into
+the config file, which the bootstrap deletes before the program starts). `Result.value` is
+that report only when the pipe held exactly `secret`, a newline and one line of hex; the
+exit status alone says nothing about it. rl/sandbox_child.py `_run_case` says why the
+program cannot read the secret, and rl/code_harness.py parses the report.
+
 Every run also gets a wall-clock limit, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, no core files,
 PR_SET_NO_NEW_PRIVS and a byte cap on stdout and on stderr. The program and everything it
 started are killed and reaped on every exit path; with a dedicated uid the parent then checks

@@ -1,21 +1,27 @@
 """The in-sandbox half of rl/sandbox.py: the bootstrap that `python -I -S -B` runs as a script.
 
-Started as the parent's uid with the path of a JSON config, it enters the namespaces asked for,
-then forks the program (which drops privileges, sets its limits and the audit hook and runs the
-code as __main__) and stays as its supervisor. Under -I -S neither this file's directory nor
-site-packages is on sys.path, so it imports only the standard library; rl/sandbox.py imports
-`_kill_all_of` from it for its own cleanup.
+Started as the parent's uid with the path of a JSON config (which it deletes at once: it holds
+the run's secret), it enters the namespaces asked for, then forks the program (which drops
+privileges, sets its limits and the audit hook and runs the code as __main__) and stays as its
+supervisor. For an `evaluate` run the program's process runs the code on a second thread and
+then reports the expression's value under the secret (`_run_case`). Under -I -S neither this
+file's directory nor site-packages is on sys.path, so it imports only the standard library;
+rl/sandbox.py imports `_kill_all_of` from it for its own cleanup.
 """
 
 from __future__ import annotations
 
+import _queue
 import _thread
 import builtins
+import collections
 import contextlib
 import ctypes
-import importlib.util
+import functools
+import itertools
 import json
 import linecache
+import marshal
 import os
 import re
 import resource
@@ -25,7 +31,7 @@ import traceback
 import types
 
 _SETUP_FAILED = 125
-_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "code_harness.py")
+_REPORT_VERSION = 2  # marshal's; rl/code_harness.py parses exactly this format
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
@@ -186,7 +192,7 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
     root = os.path.realpath(workdir)
     other_process = re.compile(r"/proc/(\d+)(/|$)")
     own_memory = re.compile(r"/proc/\d+(/task/\d+)?/mem$")
-    stat = os.stat
+    stat, default_unraisable = os.stat, sys.__unraisablehook__
 
     def is_sealed(path: object) -> bool:
         try:
@@ -203,6 +209,8 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
         return None if real == root or real.startswith(root + os.sep) else real
 
     def hook(event: str, args: tuple) -> None:
+        if event == "sys.unraisablehook" and args[0] is not default_unraisable:
+            refuse(event, "other than the default")  # it would be handed the harness's objects
         if event == "open":
             path, mode, flags = args
             if sealed is not None and not isinstance(path, int) and is_sealed(path):
@@ -244,7 +252,6 @@ def _child_main(config_path: str) -> None:
     try:
         os.unlink(config_path)  # it holds the run's secret, and the program may share this uid
         vault = [cfg.pop("secret").encode()] if cfg["evaluate"] is not None else None
-        harness = _load_harness() if cfg["evaluate"] is not None else None
         done = _enter(cfg, libc, _user_namespace, _network_namespace, _read_only_filesystem)
         if cfg["probe"]:
             print(json.dumps(done | _enter(cfg, libc, _dedicated_uid)))
@@ -268,7 +275,7 @@ def _child_main(config_path: str) -> None:
         if os.getppid() != supervisor:
             os._exit(_SETUP_FAILED)
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
-        _apply_limits(cfg["limits"], cfg["dedicated_uid"], harness_thread=harness is not None)
+        _apply_limits(cfg["limits"], cfg["dedicated_uid"], cfg["evaluate"] is not None)
         if cfg["audit_hook"]:
             sealed = None
             if cfg["result_fd"] >= 0:
@@ -282,10 +289,10 @@ def _child_main(config_path: str) -> None:
         globals().pop(name, None)
     os.write(cfg["report_fd"], b"ready")
     os.close(cfg["report_fd"])
-    if harness is None:
+    if cfg["evaluate"] is None:
         _run_program(cfg["source"])
     else:
-        _run_case(cfg["source"], cfg["evaluate"], harness, vault, cfg["result_fd"])
+        _run_case(cfg["source"], cfg["evaluate"], vault, cfg["result_fd"])
 
 
 def _setup_failed(error: Exception):
@@ -362,28 +369,34 @@ def _main_module(source: str) -> dict:
     return main.__dict__
 
 
-def _load_harness() -> types.ModuleType:
-    """rl/code_harness.py as a module outside sys.modules (not importable by name)."""
-    spec = importlib.util.spec_from_file_location("code_harness", _HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _case_thread(program, case, namespace: dict, put):
+    """The program's thread: runs `program`, evaluates `case` and `put`s, in order, the
+    thread's sentinel lock (released when the thread ends) and the marshal bytes of the
+    case's value. Built of C callables only (partial, map, islice, chain, marshal.dumps,
+    SimpleQueue.put), so no Python frame of the harness is on the program's stack (its
+    frames' f_back ends at its own module) and no object of the harness is in its reach."""
+    values = itertools.islice(map(eval, (program, case), (namespace, namespace)), 1, None)
+    steps = itertools.chain(
+        map(put, itertools.starmap(_thread._set_sentinel, [()])),
+        map(put, map(marshal.dumps, values, itertools.repeat(_REPORT_VERSION))),
+    )
+    return functools.partial(collections.deque(maxlen=0).extend, steps)
 
 
-def _run_case(source: str, expression: str, harness, vault: list, result_fd: int):
-    """Run the program and evaluate `expression` on a thread of their own
-    (harness.run_case), then write `secret \\n encoded result` to `result_fd` and exit.
+def _run_case(source: str, expression: str, vault: list, result_fd: int):
+    """Run the program and evaluate `expression` on a thread of their own (_case_thread),
+    then write `secret`, a newline and the hex of the value's marshal bytes to `result_fd`,
+    and exit.
 
-    Why a second thread: the program shares this process, so whatever this thread holds is
-    in its reach through frames (sys._getframe(n).f_locals) if its code runs on this thread's
-    stack. On its own thread the program's stack ends at run_case, whose frame and module
-    hold nothing secret; what would reach this thread's frames is refused by the audit hook
-    (sys._current_frames, settrace/setprofile, new audit hooks, /proc/self/mem, reopening
-    the result pipe) or impossible off the main thread (signal handlers). What is left is
-    code of the program's run on this thread by the garbage collector or a signal handler:
-    after the program starts, this thread only runs the lines below, on locals bound before
-    it started (no global or builtin lookup), allocating nothing and raising nothing until the
-    secret has left `vault`, and no Python signal handler is left to run.
+    The secret is in this thread's frames, which the program cannot reach: its own thread
+    holds no frame or object of the harness, and what would reach into this thread is
+    refused by the audit hook (sys._current_frames, settrace and setprofile, new audit hooks,
+    unraisable hooks, gc, /proc/self/mem, reopening the result pipe) or impossible off the
+    main thread (signal handlers). Nor does any of the program's code run on this thread:
+    after the program starts, this thread runs only the lines below on locals bound before
+    (no global or builtin lookup), allocating nothing (so no garbage collection runs a
+    finalizer here) and raising nothing until the secret has left `vault`, and no Python
+    signal handler is left to run.
     """
     try:
         program = compile(source, "main.py", "exec")
@@ -395,32 +408,32 @@ def _run_case(source: str, expression: str, harness, vault: list, result_fd: int
     for signum in signal.valid_signals():
         if callable(signal.getsignal(signum)):  # SIGINT's KeyboardInterrupt, in practice
             signal.signal(signum, signal.SIG_DFL)
-    write, exit_, type_, bytes_, out, err = os.write, os._exit, type, bytes, sys.stdout, sys.stderr
-    gate, done, box = _thread.allocate_lock(), _thread.allocate_lock(), []
-    gate.acquire()
-    done.acquire()
-    open_gate, wait = gate.release, done.acquire
+    queue = _queue.SimpleQueue()
+    runner = _case_thread(program, case, namespace, queue.put)
+    write, exit_, out, err = os.write, os._exit, sys.stdout, sys.stderr
     try:
-        _thread.start_new_thread(harness.run_case, (program, case, namespace, box, gate, done))
+        _thread.start_new_thread(runner, ())
     except RuntimeError as error:  # no thread to be had (memory, RLIMIT_NPROC)
         _setup_failed(error)
-    open_gate()  # the program runs from here on
-    wait()
+    sentinel = queue.get()  # the program runs from about now
+    sentinel.acquire()  # until its thread has ended
     status = 1
     try:
-        if box:
+        if not queue.empty():
             write(result_fd, vault.pop())  # shorter than PIPE_BUF: one atomic write
-            payload = box[0]
-            if type_(payload) is bytes_:
-                rest = b"\n" + payload
-                while rest:
-                    rest = rest[write(result_fd, rest) :]
-                status = 0
+            rest = b"\n" + queue.get().hex().encode()
+            while rest:
+                rest = rest[write(result_fd, rest) :]
+            status = 0
     finally:
         vault.clear()
         for stream in (out, err):  # the program's buffered output, for the parent's Result
             with contextlib.suppress(BaseException):  # a program's stream may be anything
                 stream.flush()
+        if status:
+            with contextlib.suppress(OSError):
+                write(2, b"sandbox: no result for the case (the program raised or exited "
+                         b"before it, or its value is not plain data)\n")  # fmt: skip
         exit_(status)
 
 
