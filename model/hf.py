@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from model.config import ModelConfig
@@ -59,7 +59,7 @@ class _Reader(contextlib.ExitStack):
     def _handle(self, name: str):
         path = self.files[name]
         if path not in self._open:
-            self._open[path] = self.enter_context(safe_open(str(path), framework="numpy"))
+            self._open[path] = self.enter_context(_open_safetensors(path))
         return self._open[path]
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -85,6 +85,14 @@ class _Reader(contextlib.ExitStack):
         return np.frombuffer(data, _RAW_DTYPES[dtype]).reshape(self.shape(name))
 
 
+def _open_safetensors(path: Path):
+    """safe_open(path); a damaged file is a ValueError that names it."""
+    try:
+        return safe_open(str(path), framework="numpy")
+    except SafetensorError as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+
+
 def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
     """[R, C] FP8 weight times its per-block scale [ceil(R/br), ceil(C/bc)], in float32."""
     (rows, cols), (br, bc) = w.shape, block
@@ -95,17 +103,35 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int])
     return out
 
 
+def _read_json(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; a malformed file is a ValueError that names it."""
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _files(path: Path) -> dict[str, Path]:
     """Tensor name -> shard file, from the index or the single file."""
     if (path / _INDEX).is_file():
-        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        weight_map = _read_json(path / _INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(file, str) for file in weight_map.values()
+        ):
+            raise ValueError(
+                f"{path / _INDEX}: needs a 'weight_map' object of tensor name -> shard file "
+                f"name, got {weight_map!r:.200}"
+            )
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
                 raise FileNotFoundError(f"{file} (listed in {path / _INDEX}) does not exist")
         return files
     if (path / _SINGLE).is_file():
-        with safe_open(str(path / _SINGLE), framework="numpy") as f:
+        with _open_safetensors(path / _SINGLE) as f:
             return dict.fromkeys(f.keys(), path / _SINGLE)
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
 
@@ -126,12 +152,17 @@ def _mtp_depth(hf: Mapping[str, Any], names: set[str]) -> int:
 def load(path: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
     """(cfg, variables) from a checkpoint directory (config.json + safetensors)."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path / 'config.json'} does not exist")
-    hf = json.loads((path / "config.json").read_text())
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} does not exist")
+    hf = _read_json(config_file)
     files = _files(path)
-    cfg = config_from_hf(hf, mtp_depth=_mtp_depth(hf, set(files)), param_dtype=param_dtype)
-    layout, block = _layout(cfg), fp8_block_size(hf)
+    try:
+        cfg = config_from_hf(hf, mtp_depth=_mtp_depth(hf, set(files)), param_dtype=param_dtype)
+        block = fp8_block_size(hf)
+    except ValueError as err:
+        raise ValueError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from err
+    layout = _layout(cfg)
     with _Reader(files) as reader:
         plan = _plan(path, reader, cfg, layout, block)
         # Names and shapes are known good: only now read the data, one tensor at a time.

@@ -4,7 +4,9 @@ Reads both the form DeepSeek published (`rope_theta` + `rope_scaling`, `num_next
 and the form newer transformers writes (`rope_parameters`, which also carries `rope_theta`).
 Writes DeepSeek's form, which transformers reads too. Options the model does not implement
 (softmax routing, greedy top-k, non-interleaved RoPE, ...) fail with a `ValueError` instead of
-loading into a model that silently computes something else.
+loading into a model that silently computes something else. Keys config.json omits take
+transformers' `DeepseekV3Config` defaults (`HF_DEFAULTS`); a null or mistyped value is an error
+naming the key.
 """
 
 from __future__ import annotations
@@ -34,10 +36,55 @@ _YARN_KEYS = (
 )
 
 
-def _get(hf: Mapping[str, Any], key: str) -> Any:
-    if key not in hf or hf[key] is None:
-        raise ValueError(f"config.json: missing required field {key!r}")
+# transformers' DeepseekV3Config defaults (checked in 5.24) for the keys config.json may omit.
+# A missing key takes the value transformers would run with, so a config.json that both load
+# means one model; router keys especially, which no tensor shape would catch. Sizes (vocab,
+# widths, heads, layers, experts) have no default here: a config without them is an error.
+HF_DEFAULTS: dict[str, Any] = {
+    "n_shared_experts": 1,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 3,
+    "rms_norm_eps": 1e-6,
+    "initializer_range": 0.02,
+    "rope_theta": 10000.0,
+}
+_REQUIRED = object()
+
+
+def _value(hf: Mapping[str, Any], key: str, default: Any) -> Any:
+    if key not in hf and default is not _REQUIRED:
+        return default
+    if hf.get(key) is None:
+        why = "missing required field" if key not in hf else "null for field"
+        hint = "" if default is _REQUIRED else f" (omit it for transformers' default {default!r})"
+        raise ValueError(f"config.json: {why} {key!r}{hint}")
     return hf[key]
+
+
+def _int(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> int:
+    value = _value(hf, key, default)
+    if isinstance(value, bool) or not (
+        isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    ):
+        raise ValueError(f"config.json: {key}={value!r} must be an integer")
+    return int(value)
+
+
+def _float(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> float:
+    value = _value(hf, key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"config.json: {key}={value!r} must be a number")
+    return float(value)
+
+
+def _bool(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> bool:
+    value = _value(hf, key, default)
+    if not isinstance(value, bool):
+        raise ValueError(f"config.json: {key}={value!r} must be true or false")
+    return value
 
 
 def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
@@ -45,7 +92,10 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"config.json: rope parameters must be an object, got {params!r}")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if "rope_theta" in params:
+        theta = _float(params, "rope_theta")
+    else:
+        theta = _float(hf, "rope_theta", HF_DEFAULTS["rope_theta"])
     kind = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(
@@ -53,7 +103,7 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
             "MLA already rotates only the qk_rope_head_dim part (valid: 1.0)"
         )
     if kind == "default":
-        return float(theta), None
+        return theta, None
     if kind != "yarn":
         raise ValueError(f"config.json: rope type {kind!r} unsupported (valid: 'default', 'yarn')")
     missing = [k for k in _YARN_KEYS if params.get(k) is None]
@@ -68,14 +118,14 @@ def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
             "config.json: yarn attention_factor unsupported; use mscale/mscale_all_dim"
         )
     yarn = YarnConfig(
-        factor=float(params["factor"]),
-        original_max_position=int(params["original_max_position_embeddings"]),
-        beta_fast=float(params["beta_fast"]),
-        beta_slow=float(params["beta_slow"]),
-        mscale=float(params["mscale"]),
-        mscale_all_dim=float(params["mscale_all_dim"]),
+        factor=_float(params, "factor"),
+        original_max_position=_int(params, "original_max_position_embeddings"),
+        beta_fast=_float(params, "beta_fast"),
+        beta_slow=_float(params, "beta_slow"),
+        mscale=_float(params, "mscale"),
+        mscale_all_dim=_float(params, "mscale_all_dim"),
     )
-    return float(theta), yarn
+    return theta, yarn
 
 
 def declared_mtp_depth(hf: Mapping[str, Any]) -> int:
@@ -103,45 +153,56 @@ def config_from_hf(
     for key, want in _REQUIRED_VALUES.items():
         if key in hf and hf[key] is not None and hf[key] != want:
             raise ValueError(f"config.json: {key}={hf[key]!r} unsupported (valid: {want!r})")
+    try:
+        return _config_from_hf(hf, mtp_depth, param_dtype)
+    except ValueError as err:
+        defaulted = {k: v for k, v in HF_DEFAULTS.items() if k not in hf}
+        if not defaulted or str(err).startswith("config.json"):
+            raise
+        raise ValueError(f"{err} (config.json omits {defaulted}: transformers' defaults)") from err
+
+
+def _config_from_hf(hf: Mapping[str, Any], mtp_depth: int, param_dtype: str) -> ModelConfig:
     theta, yarn = _rope(hf)
-    heads = int(_get(hf, "num_attention_heads"))
-    q_lora = hf.get("q_lora_rank")
+    q_lora = hf.get("q_lora_rank")  # null: no query compression (V2-Lite)
     mla = MLAConfig(
-        num_heads=heads,
-        q_lora_rank=None if q_lora is None else int(q_lora),
-        kv_lora_rank=int(_get(hf, "kv_lora_rank")),
-        qk_nope_head_dim=int(_get(hf, "qk_nope_head_dim")),
-        qk_rope_head_dim=int(_get(hf, "qk_rope_head_dim")),
-        v_head_dim=int(_get(hf, "v_head_dim")),
+        num_heads=_int(hf, "num_attention_heads"),
+        q_lora_rank=None if q_lora is None else _int(hf, "q_lora_rank"),
+        kv_lora_rank=_int(hf, "kv_lora_rank"),
+        qk_nope_head_dim=_int(hf, "qk_nope_head_dim"),
+        qk_rope_head_dim=_int(hf, "qk_rope_head_dim"),
+        v_head_dim=_int(hf, "v_head_dim"),
         rope_theta=theta,
         yarn=yarn,
     )
-    num_layers = int(_get(hf, "num_hidden_layers"))
+    num_layers = _int(hf, "num_hidden_layers")
     moe = None
+    # No n_routed_experts (or 0): a dense model, as `config_to_hf` writes one.
     if hf.get("n_routed_experts"):
+        d = HF_DEFAULTS
         moe = MoEConfig(
-            num_experts=int(hf["n_routed_experts"]),
-            num_shared_experts=int(hf.get("n_shared_experts") or 0),
-            top_k=int(_get(hf, "num_experts_per_tok")),
-            expert_dim=int(_get(hf, "moe_intermediate_size")),
-            num_groups=int(hf.get("n_group") or 1),
-            top_groups=int(hf.get("topk_group") or 1),
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            num_experts=_int(hf, "n_routed_experts"),
+            num_shared_experts=_int(hf, "n_shared_experts", d["n_shared_experts"]),
+            top_k=_int(hf, "num_experts_per_tok"),
+            expert_dim=_int(hf, "moe_intermediate_size"),
+            num_groups=_int(hf, "n_group", d["n_group"]),
+            top_groups=_int(hf, "topk_group", d["topk_group"]),
+            routed_scaling_factor=_float(hf, "routed_scaling_factor", d["routed_scaling_factor"]),
+            norm_topk_prob=_bool(hf, "norm_topk_prob", d["norm_topk_prob"]),
         )
-    first_dense = hf.get("first_k_dense_replace")
+    first_dense = _int(hf, "first_k_dense_replace", HF_DEFAULTS["first_k_dense_replace"])
     return ModelConfig(
-        vocab_size=int(_get(hf, "vocab_size")),
-        d_model=int(_get(hf, "hidden_size")),
+        vocab_size=_int(hf, "vocab_size"),
+        d_model=_int(hf, "hidden_size"),
         num_layers=num_layers,
-        num_dense_layers=min(int(first_dense or 0), num_layers),
-        dense_dim=int(_get(hf, "intermediate_size")),
+        num_dense_layers=min(first_dense, num_layers),
+        dense_dim=_int(hf, "intermediate_size"),
         mla=mla,
         moe=moe,
         mtp_depth=mtp_depth,
-        max_seq_len=int(_get(hf, "max_position_embeddings")),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        init_std=float(hf.get("initializer_range", 0.02)),
+        max_seq_len=_int(hf, "max_position_embeddings"),
+        norm_eps=_float(hf, "rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]),
+        init_std=_float(hf, "initializer_range", HF_DEFAULTS["initializer_range"]),
         param_dtype=param_dtype,
     )
 
