@@ -11,6 +11,8 @@ then the answer inside <answer>...</answer>, nothing else (PAPER_FACTS.md).
 from __future__ import annotations
 
 import ast
+import math
+import numbers
 import re
 import threading
 import unicodedata
@@ -190,21 +192,80 @@ def language_consistency(
 
 class Weighted:
     """Several reward functions with weights: (totals, {name: values}); a None is left out of
-    the total, and a sample every function skips gets None."""
+    the total, and a sample every function skips gets None.
 
-    def __init__(self, weights: Mapping[RewardFn, float]):
+    `Weighted({fn: weight, ...})` names each function by its `__name__`; give names yourself
+    with `Weighted({"name": (fn, weight), ...})` (both forms mix) for lambdas, partials or two
+    functions from one factory, whose names would collide.
+    """
+
+    def __init__(self, weights: Mapping[RewardFn | str, float | tuple[RewardFn, float]]):
         if not weights:
             raise ValueError("Weighted needs at least one reward function")
-        self.weights = dict(weights)
+        self.terms: dict[str, tuple[RewardFn, float]] = {}
+        for key, value in weights.items():
+            name, fn, weight = _term(key, value)
+            if name in self.terms:
+                raise ValueError(
+                    f"Weighted: two reward functions are named {name!r}; name them explicitly: "
+                    f"Weighted({{'{name}_a': (fn_a, 1.0), '{name}_b': (fn_b, 1.0)}})"
+                )
+            self.terms[name] = fn, weight
 
     def __call__(self, prompts, completions, **columns):
-        per_fn = {fn.__name__: fn(prompts, completions, **columns) for fn in self.weights}
+        per_fn = {
+            name: _checked(name, fn(prompts, completions, **columns), len(completions))
+            for name, (fn, _) in self.terms.items()
+        }
         totals: list[float | None] = []
         for i in range(len(completions)):
             parts = [
-                w * per_fn[fn.__name__][i]
-                for fn, w in self.weights.items()
-                if per_fn[fn.__name__][i] is not None
+                weight * per_fn[name][i]
+                for name, (_, weight) in self.terms.items()
+                if per_fn[name][i] is not None
             ]
             totals.append(sum(parts) if parts else None)
         return totals, per_fn
+
+
+def _term(key, value) -> tuple[str, RewardFn, float]:
+    """(name, fn, weight) of one Weighted entry: fn -> weight, or name -> (fn, weight)."""
+    if isinstance(key, str):
+        if not (isinstance(value, tuple) and len(value) == 2 and callable(value[0])):
+            raise ValueError(f"Weighted: {key!r} must map to (reward_fn, weight), got {value!r}")
+        name, (fn, weight) = key, value
+    elif callable(key):
+        fn, weight = key, value
+        name = getattr(fn, "__name__", None)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(
+                f"Weighted: {fn!r} has no usable __name__ ({name!r}); name it explicitly: "
+                "Weighted({'my_reward': (fn, weight)})"
+            )
+    else:
+        raise ValueError(f"Weighted: keys are reward functions or names, got {key!r}")
+    if not name:
+        raise ValueError("Weighted: reward names must be non-empty")
+    number = isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+    if not (number and math.isfinite(weight)):
+        raise ValueError(f"Weighted: weight of {name!r} must be a finite number, got {weight!r}")
+    return name, fn, float(weight)
+
+
+def _checked(name: str, values, n: int) -> list[float | None]:
+    """One reward function's output, checked: n entries, each a finite number or None."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise ValueError(
+            f"reward {name!r} returned {type(values).__name__}, not a list of {n} scores"
+        ) from None
+    if len(values) != n:
+        raise ValueError(f"reward {name!r} returned {len(values)} scores for {n} completions")
+    for i, v in enumerate(values):
+        if v is not None and not (isinstance(v, numbers.Real) and math.isfinite(v)):
+            raise ValueError(
+                f"reward {name!r} returned {v!r} for completion {i}: scores are finite numbers, "
+                "or None for no opinion"
+            )
+    return values

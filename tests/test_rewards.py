@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from rl.rewards import (
@@ -151,3 +153,49 @@ def test_weighted_sum_skips_none():
     totals, per_fn = reward([""] * 3, completions)
     assert per_fn["format_reward"] == [1.0, 1.0, 0.0]
     assert totals == [0.5 + 2.0 * (2 / 2), 0.5, 0.0]
+
+
+def _constant(value: float):
+    """A reward factory: every instance's function has the same __name__."""
+
+    def constant(prompts, completions, **_):
+        return [value] * len(completions)
+
+    return constant
+
+
+def test_weighted_names_must_be_unique_and_usable():
+    with pytest.raises(ValueError, match=r"two reward functions are named 'constant'.*name them"):
+        Weighted({_constant(1.0): 1.0, _constant(2.0): 1.0})
+    with pytest.raises(ValueError, match=r"no usable __name__ \('<lambda>'\).*name it explicitly"):
+        Weighted({lambda p, c, **_: [1.0] * len(c): 1.0})
+    with pytest.raises(ValueError, match="no usable __name__"):
+        Weighted({functools.partial(_constant(1.0)): 1.0})
+    with pytest.raises(ValueError, match=r"'x' must map to \(reward_fn, weight\)"):
+        Weighted({"x": 1.0})
+    with pytest.raises(ValueError, match="weight of 'format_reward' must be a finite number"):
+        Weighted({format_reward: float("nan")})
+
+
+def test_weighted_explicit_names_keep_instances_apart():
+    one, two = _constant(1.0), _constant(2.0)
+    reward = Weighted({"one": (one, 1.0), "two": (two, 10.0), format_reward: 100.0})
+    totals, per_fn = reward(["", ""], [GOOD, "bad"])
+    assert per_fn == {"one": [1.0, 1.0], "two": [2.0, 2.0], "format_reward": [1.0, 0.0]}
+    assert totals == [121.0, 21.0]
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        ([1.0], r"reward 'bad' returned 1 scores for 2 completions"),
+        ([1.0, 1.0, 1.0], r"reward 'bad' returned 3 scores for 2 completions"),
+        (None, r"reward 'bad' returned NoneType, not a list of 2 scores"),
+        ([1.0, float("nan")], r"reward 'bad' returned nan for completion 1"),
+        ([1.0, "1"], r"reward 'bad' returned '1' for completion 1"),
+    ],
+)
+def test_weighted_checks_what_each_reward_returns(returned, message):
+    reward = Weighted({format_reward: 1.0, "bad": (lambda p, c, **_: returned, 1.0)})
+    with pytest.raises(ValueError, match=message):
+        reward(["", ""], [GOOD, GOOD])
