@@ -76,13 +76,18 @@ def k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
 
 
 def _aggregate(per_token_NxT, mask_NxT, mode: Aggregation) -> jax.Array:
-    total = jnp.sum(per_token_NxT * mask_NxT)
+    # A row with no loss tokens (an unscored sample) is no output at all: it leaves every
+    # denominator, the number of sequences as well as the number of tokens.
+    # where, not a product: an unscored row may carry a NaN advantage.
+    masked_NxT = jnp.where(mask_NxT > 0, per_token_NxT * mask_NxT, 0.0)
+    tokens_N = mask_NxT.sum(axis=1)
+    outputs = jnp.maximum((tokens_N > 0).sum(), 1)
     if mode is Aggregation.TOKEN_MEAN:
-        return total / jnp.maximum(mask_NxT.sum(), 1.0)
+        return masked_NxT.sum() / jnp.maximum(tokens_N.sum(), 1.0)
     if mode is Aggregation.CONSTANT:
-        return total / mask_NxT.size
-    per_seq = (per_token_NxT * mask_NxT).sum(axis=1) / jnp.maximum(mask_NxT.sum(axis=1), 1.0)
-    return per_seq.mean()
+        return masked_NxT.sum() / (outputs * mask_NxT.shape[1])
+    per_seq_N = masked_NxT.sum(axis=1) / jnp.maximum(tokens_N, 1.0)
+    return per_seq_N.sum() / outputs
 
 
 def grpo_loss(
@@ -92,9 +97,20 @@ def grpo_loss(
     advantages_N: jax.Array,
     mask_NxT: jax.Array,
     cfg: GRPOLossConfig,
+    *,
+    scored_N: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(loss, metrics) over N completions of T tokens; mask 1 on completion tokens."""
+    """(loss, metrics) over N completions of T tokens; mask 1 on completion tokens.
+
+    `scored_N` (bool, optional) marks the completions a reward function scored (for example
+    `isfinite(rewards)`); the others, like rows whose mask is all 0, contribute no tokens and
+    are not counted among the outputs under any aggregation.
+    """
     mask = mask_NxT.astype(jnp.float32)
+    if scored_N is not None:
+        mask = mask * scored_N.astype(jnp.float32)[:, None]
+        # A NaN advantage of an unscored row would reach the gradient through 0 * NaN.
+        advantages_N = jnp.where(scored_N, advantages_N, 0.0)
     ratio = jnp.exp(logp_NxT - old_logp_NxT)
     adv = advantages_N[:, None]
     clipped = jnp.clip(ratio, 1.0 - cfg.eps_low, 1.0 + cfg.eps_high)

@@ -18,10 +18,10 @@ ADV = np.array([1.5, -0.5, 0.0, -1.0])
 MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], float)
 
 
-def _numpy_loss(mode: str, beta: float, eps_low=0.2, eps_high=0.3) -> float:
-    """Token by token, with loops, as the formula reads."""
+def _numpy_loss(mode: str, beta: float, eps_low=0.2, eps_high=0.3, outputs=range(N)) -> float:
+    """Token by token, with loops, as the formula reads, over the given outputs only."""
     rows = []
-    for i in range(N):
+    for i in outputs:
         terms = []
         for t in range(T):
             if not MASK[i, t]:
@@ -34,8 +34,8 @@ def _numpy_loss(mode: str, beta: float, eps_low=0.2, eps_high=0.3) -> float:
     if mode == "sequence_mean":
         return float(np.mean([np.mean(r) for r in rows]))
     if mode == "token_mean":
-        return float(sum(map(sum, rows)) / MASK.sum())
-    return float(sum(map(sum, rows)) / (N * T))
+        return float(sum(map(sum, rows)) / sum(map(len, rows)))
+    return float(sum(map(sum, rows)) / (len(rows) * T))
 
 
 @pytest.mark.parametrize("mode", [a.value for a in Aggregation])
@@ -48,6 +48,27 @@ def test_loss_matches_numpy(mode, beta):
     )
     assert float(loss) == pytest.approx(_numpy_loss(mode, beta), rel=1e-5)
     assert ("kl" in metrics) == (beta > 0)
+
+
+@pytest.mark.parametrize("mode", list(Aggregation))
+def test_unscored_rows_leave_every_denominator(mode):
+    # Rows 1 and 3 got no reward (NaN): they must weigh as if they were not in the batch,
+    # neither through their tokens nor as outputs counted in the mean over sequences.
+    cfg = GRPOLossConfig(eps_low=0.2, eps_high=0.3, beta=0.04, aggregation=mode)
+    scored = np.array([True, False, True, False])
+    adv = jnp.asarray(np.where(scored, ADV, np.nan))
+    args = (jnp.asarray(LOGP), jnp.asarray(OLD), jnp.asarray(REF))
+    want = _numpy_loss(mode.value, 0.04, outputs=[0, 2])
+    loss, _ = grpo_loss(*args, adv, jnp.asarray(MASK), cfg, scored_N=jnp.asarray(scored))
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    # The same when the caller zeroes their masks instead (as the GRPO step does).
+    zeroed = jnp.asarray(MASK * scored[:, None])
+    loss, _ = grpo_loss(*args, jnp.asarray(ADV), zeroed, cfg)
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    grad = jax.grad(
+        lambda lp: grpo_loss(lp, *args[1:], adv, jnp.asarray(MASK), cfg, scored_N=scored)[0]
+    )(args[0])
+    assert np.isfinite(np.asarray(grad)).all() and np.all(np.asarray(grad)[~scored] == 0)
 
 
 def test_clip_fractions():
