@@ -19,7 +19,7 @@ import optax
 import model
 from model import ModelConfig
 from train.losses import cross_entropy
-from train.optimizer import LRSchedule
+from train.optimizer import LRSchedule, update_count
 from train.state import TrainState
 
 
@@ -73,12 +73,14 @@ class LossConfig:
                 )
 
     def mtp_weight_at(self, step: jax.Array) -> jax.Array:
+        """lambda at a schedule step (the optimizer's update count, see `schedule_step`)."""
         if self.mtp_weight_switch_step is None:
             return jnp.asarray(self.mtp_weight, jnp.float32)
         late = step >= self.mtp_weight_switch_step
         return jnp.where(late, self.mtp_weight_late, self.mtp_weight).astype(jnp.float32)
 
     def bias_rate_at(self, step: jax.Array) -> jax.Array:
+        """gamma at a schedule step (the optimizer's update count, see `schedule_step`)."""
         if self.balancing is not Balancing.LOSS_FREE:
             return jnp.zeros((), jnp.float32)
         if self.bias_update_stop_step is None:
@@ -181,28 +183,47 @@ def objective(
     return loss, (metrics, aux)
 
 
+def schedule_step(state: TrainState) -> jax.Array:
+    """The step every schedule reads: updates applied so far (the LR schedule's own count).
+
+    A dropped (non-finite) step advances `state.step` but applies nothing, so the learning
+    rate, lambda and gamma all stay where the optimizer is; keying the switches on
+    `state.step` instead would move them ahead of the learning rate after a skip.
+    """
+    count = update_count(state.opt_state)
+    return state.step - state.skipped if count is None else count
+
+
 def make_train_step(
     cfg: ModelConfig,
     loss_cfg: LossConfig,
     optimizer: optax.GradientTransformation,
     schedule: LRSchedule,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """A pure `train_step(state, batch) -> (state, metrics)` (jit it with donation)."""
+    """A pure `train_step(state, batch) -> (state, metrics)` (jit it with donation).
 
-    def loss_fn(params, state: TrainState, batch: dict):
+    `schedule` must be the optimizer's (the logged learning rate is `schedule` at the
+    optimizer's update count, the one it applies).
+    """
+
+    def loss_fn(params, state: TrainState, batch: dict, step: jax.Array):
         variables = {"params": params, "router_bias": state.router_bias}
-        return objective(cfg, loss_cfg, variables, batch, state.step)
+        return objective(cfg, loss_cfg, variables, batch, step)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step = schedule_step(state)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch)
+        (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch, step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        router_bias = update_router_bias(state.router_bias, aux, loss_cfg.bias_rate_at(state.step))
+        bias_rate = loss_cfg.bias_rate_at(step)
+        router_bias = update_router_bias(state.router_bias, aux, bias_rate)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step keeps the old state (the loop halts or counts it, per config).
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        # Not optax.apply_if_finite: it checks only the gradients, gives up after a number of
+        # consecutive failures, and cannot hold back the router bias, which is not optax's.
+        keep = lambda new, old: optax.tree_utils.tree_where(finite, new, old)
         new_state = TrainState(
             step=state.step + 1,
             params=keep(params, state.params),
@@ -213,8 +234,9 @@ def make_train_step(
         )
         metrics |= {
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state.step),
-            "mtp_weight": loss_cfg.mtp_weight_at(state.step),
+            "learning_rate": schedule(step),
+            "mtp_weight": loss_cfg.mtp_weight_at(step),
+            "bias_update_rate": bias_rate,
             "finite": finite,
             "skipped": new_state.skipped,
         }
