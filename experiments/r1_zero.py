@@ -40,13 +40,15 @@ from rl import tasks
 from rl.grpo import GRPOConfig, constant_lr, train_grpo
 from rl.grpo_loss import GRPOLossConfig
 from rl.rewards import format_reward, integer_accuracy, last_integer_accuracy
+from sharding.mesh import ParallelConfig
 from train.arithmetic import Operation
 from train.data import TOKENIZER_FILE, DataConfig
 from train.loop import LoopConfig
 from train.optimizer import OptimizerConfig
 from train.plots import compare_runs
-from train.pretrain import PretrainConfig, pretrain, schedule_for, to_json
+from train.pretrain import PretrainConfig, pretrain, schedule_for
 from train.run import load_run
+from train.run_dir import to_json
 from train.sources import ArithmeticSource, FilesSource, StdlibSource
 from train.splits import Split
 from train.tokenizer import train_bpe
@@ -97,6 +99,8 @@ class R1ZeroConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     accuracy_weight: float = 1.0
     format_weight: float = 1.0
+    # The mesh of both stages (--set parallel.fsdp=8 ...); it replaces grpo.parallel.
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     grpo: GRPOConfig = dataclasses.field(
         default_factory=lambda: GRPOConfig(
             loss=GRPOLossConfig(beta=0.001),
@@ -162,6 +166,7 @@ def pretrain_base(config: R1ZeroConfig, run_dir: Path) -> Path:
                 checkpoint_every=b.steps,
                 keep_checkpoints=1,
             ),
+            parallel=config.parallel,
             vocab_size=b.vocab_size,
             seed=b.seed,
         ),
@@ -213,7 +218,7 @@ def run(config: R1ZeroConfig, run_dir) -> dict:
             train_tasks=train_tasks,
             eval_tasks=eval_tasks,
             eval_fns=EVAL_FNS,
-            config=dataclasses.replace(config.grpo, seed=seed),
+            config=dataclasses.replace(config.grpo, seed=seed, parallel=config.parallel),
             meta={"r1_zero": to_json(config)},
         )
         before, after = result.eval_before, result.eval

@@ -13,15 +13,25 @@ the train state and the reference policy, and the task order and sampling keys f
 the step number. Metrics go to run_dir/metrics.jsonl and TensorBoard, plots to
 run_dir/plots (rewards, held-out scores, completion length), as in pre-training.
 
-Router biases stay as the base left them (no load balancing in RL), the MTP modules are not
-trained, and the run uses one device (the sharded pre-training loop is not used here yet).
+The run goes through the one training loop (train/loop.py: run-dir guard, resume,
+checkpoint cadence, metrics, stop signals, progress, plots) with a rollout + update step over
+the task order. It runs on a mesh like pre-training (`config.parallel`): the policy, its
+optimizer state and the reference are created and kept in their shardings, rollouts and
+updates run under the mesh's rules, and a rollout batch is split over the batch axes when
+its row count allows. A rerun into a run dir whose config.json differs in the model, the
+tokenizer, the rewards, the training tasks or a GRPO field outside SAFE_FIELDS is refused.
+
+Router biases stay as the base left them (no load balancing in RL) and the MTP modules are
+not trained. Multi-process (multi-host) GRPO is not supported yet: every process would run
+the same rollouts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +39,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from model import ModelConfig
 from model.sampling import Sampling
@@ -38,15 +47,33 @@ from rl.grpo_loss import GRPOLossConfig
 from rl.grpo_step import GRPOStep
 from rl.rewards import RewardFn, Weighted
 from rl.rollout import row_length
-from train.checkpoint import Checkpointer
-from train.loop import StopFlag
-from train.metrics import MetricsWriter, read_metrics
+from sharding.mesh import Parallel, ParallelConfig, make_parallel
+from train.loop import LoopConfig, TrainLoop
+from train.metrics import read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
-from train.pretrain import to_json
+from train.run_dir import to_json
+from train.sharded_state import state_shardings
 from train.state import TrainState
 from train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Fields of a GRPO run dir's config that may change on resume: cadence, length, display,
+# the mesh, and what the held-out evaluation looks at.
+SAFE_FIELDS = (
+    "grpo.steps",
+    "grpo.eval_every",
+    "grpo.eval_max_new_tokens",
+    "grpo.checkpoint_every",
+    "grpo.keep_checkpoints",
+    "grpo.progress",
+    "grpo.plots",
+    "grpo.parallel",
+    "grpo.allow_config_change",
+    "eval_tasks",
+    "eval_fns",
+)
+OVERRIDE = "GRPOConfig.allow_config_change=True (r1-zero: --set grpo.allow_config_change=true)"
 
 
 def _positive_int(obj, name: str) -> None:
@@ -86,6 +113,8 @@ class GRPOConfig:
     seed: int = 0
     progress: bool = True
     plots: bool = True
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    allow_config_change: bool = False  # resume a run dir whose config differs (run_dir.py)
 
     def __post_init__(self):
         for name in ("steps", "prompts_per_step", "mu", "max_new_tokens", "eval_every"):
@@ -103,10 +132,26 @@ class GRPOConfig:
         if self.eval_max_new_tokens is not None:
             _positive_int(self, "eval_max_new_tokens")
         self.sampling  # noqa: B018  (validates top_p / top_k)
+        if not isinstance(self.parallel, ParallelConfig):
+            raise ValueError(f"GRPOConfig.parallel must be a ParallelConfig, got {self.parallel!r}")
 
     @property
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+    @property
+    def loop(self) -> LoopConfig:
+        """The loop's part of this config."""
+        return LoopConfig(
+            steps=self.steps,
+            eval_every=self.eval_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            peak_flops=None,
+            progress=self.progress,
+            plots=self.plots,
+            allow_config_change=self.allow_config_change,
+        )
 
 
 @dataclasses.dataclass
@@ -141,17 +186,62 @@ def _first_eval(run_dir: Path) -> dict[str, float]:
     return {}
 
 
-def _initial_state(config: GRPOConfig, variables: dict) -> TrainState:
+def _initial_state(
+    config: GRPOConfig, variables: dict, optimizer, shardings: TrainState
+) -> TrainState:
+    """The initial policy's train state, created in its shardings."""
     # Copies: the update donates the state's buffers, and the caller keeps its variables.
-    variables = jax.tree.map(jnp.copy, variables)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=variables["params"],
-        opt_state=make_optimizer(config.optimizer).init(variables["params"]),
-        router_bias=variables.get("router_bias", {}),
-        rng=jax.random.key(config.seed),
-        skipped=jnp.zeros((), jnp.int32),
+    variables = jax.device_put(
+        jax.tree.map(jnp.copy, variables),
+        {"params": shardings.params, "router_bias": shardings.router_bias},
     )
+
+    def build(variables):
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=variables["params"],
+            opt_state=optimizer.init(variables["params"]),
+            router_bias=variables.get("router_bias", {}),
+            rng=jax.random.key(config.seed),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    return jax.jit(build, out_shardings=shardings)(variables)
+
+
+def _digest(data: Any) -> str:
+    text = json.dumps(data, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _names(fns: Mapping) -> dict[str, Any]:
+    return {getattr(fn, "__name__", repr(fn)): w for fn, w in fns.items()}
+
+
+def run_config(
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    reward: Weighted,
+    train_tasks: Sequence[Mapping[str, Any]],
+    eval_tasks: Sequence[Mapping[str, Any]],
+    eval_fns: Mapping[str, RewardFn],
+    config: GRPOConfig,
+) -> dict[str, Any]:
+    """What a GRPO run dir's config.json holds: everything that decides the trained state
+    (model, tokenizer, rewards, training tasks, GRPO settings) and the evaluation's inputs."""
+    weights = getattr(reward, "weights", None)
+    return {
+        "model": to_json(cfg),
+        "grpo": to_json(config),
+        "tokenizer": {
+            "vocab_size": tokenizer.vocab_size,
+            "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()[:16],
+        },
+        "reward": _names(weights) if isinstance(weights, Mapping) else repr(reward),
+        "train_tasks": {"count": len(train_tasks), "sha256": _digest(list(train_tasks))},
+        "eval_tasks": {"count": len(eval_tasks), "sha256": _digest(list(eval_tasks))},
+        "eval_fns": sorted(eval_fns),
+    }
 
 
 def train_grpo(
@@ -166,33 +256,39 @@ def train_grpo(
     eval_fns: Mapping[str, RewardFn] | None = None,
     config: GRPOConfig = GRPOConfig(),
     meta: dict | None = None,
+    parallel: Parallel | None = None,
 ) -> GRPOResult:
     """GRPO from `variables` (the initial policy, also the first reference) to config.steps,
     resuming from run_dir/checkpoints when one is there. Tasks are dicts with a `prompt` and
     the columns the reward functions read. Before the first step and every `eval_every`
-    steps, greedy completions of eval_tasks are scored by eval_fns and logged under eval/."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    steps, greedy completions of eval_tasks are scored by eval_fns and logged under eval/.
+    `parallel` (default: make_parallel(config.parallel)) is the mesh the run uses."""
     if not train_tasks:
         raise ValueError("train_grpo: no training tasks")
     eval_fns = dict(eval_fns or {})
-    state = _initial_state(config, variables)
+    reward = reward if isinstance(reward, Weighted) else Weighted(reward)
+    loop = TrainLoop(
+        run_dir,
+        config.loop,
+        config=run_config(cfg, tokenizer, reward, train_tasks, eval_tasks, eval_fns, config),
+        safe=SAFE_FIELDS,
+        override=OVERRIDE,
+        meta=dict(meta or {}) | {"grpo": to_json(config)},
+        desc="grpo",
+    )
+    parallel = parallel or make_parallel(config.parallel)
+    optimizer = make_optimizer(config.optimizer)
+    shardings = state_shardings(cfg, optimizer, parallel)
+    with parallel.activate():
+        state = _initial_state(config, variables, optimizer, shardings)
     use_ref = config.loss.beta > 0
-    ref_params = jax.tree.map(jnp.copy, state.params) if use_ref else None
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", every=config.checkpoint_every, keep=config.keep_checkpoints
-    )
-    restored = checkpointer.restore_latest(
-        state, None, extra_like={"ref": ref_params} if use_ref else None
-    )
-    if restored is not None:
-        state, ref_params = restored.state, restored.extra["ref"] if use_ref else None
-        log.info("resumed GRPO from step %d", int(state.step))
+    ref = {"ref": jax.tree.map(jnp.copy, state.params)} if use_ref else None
+    state, ref, _ = loop.resume(state, extra=ref)
     longest = max(len(tokenizer.encode(t["prompt"])) for t in train_tasks)
     grpo_step = GRPOStep(
         cfg=cfg,
         tokenizer=tokenizer,
-        reward=reward if isinstance(reward, Weighted) else Weighted(reward),
+        reward=reward,
         loss=config.loss,
         optimizer=config.optimizer,
         sampling=config.sampling,
@@ -201,75 +297,48 @@ def train_grpo(
         max_new_tokens=config.max_new_tokens,
         row_len=row_length(longest, config.max_new_tokens),
         seed=config.seed,
+        parallel=parallel,
     )
-    meta = dict(meta or {}) | {"grpo": to_json(config)}
+    refresh = config.ref_refresh_every
 
-    def run_eval(step: int, writer) -> dict[str, float]:
+    def step_fn(state: TrainState, step: int) -> tuple[TrainState, dict]:
+        nonlocal ref
+        if use_ref and refresh and step > 1 and (step - 1) % refresh == 0:
+            ref = {"ref": jax.tree.map(jnp.copy, state.params)}
+        order = task_order(step, config.prompts_per_step, len(train_tasks), config.seed)
+        tasks = [train_tasks[i] for i in order]
+        return grpo_step(state, ref["ref"] if use_ref else None, step, tasks)
+
+    def run_eval(state: TrainState, step: int) -> dict[str, float]:
         if not eval_tasks or not eval_fns:
             return {}
         means, _ = evaluate_policy(
             cfg, state.variables, tokenizer, eval_tasks, eval_fns,
             max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
         )  # fmt: skip
-        writer.write(step, means, prefix="eval/")
         return means
 
-    def save(force=False):
-        extra = {"ref": ref_params} if use_ref else None
-        checkpointer.save(state, None, meta, force=force, extra=extra)
+    def postfix(record: dict) -> dict:
+        return {
+            "reward": f"{float(record['reward_mean']):.3f}",
+            "len": f"{float(record['completion_len_mean']):.0f}",
+        }
 
-    start, stop, wall_start = int(state.step), StopFlag(), time.perf_counter()
-    last_train: dict[str, float] = {}
-    last_eval: dict[str, float] = {}
-    eval_before: dict[str, float] = {}
-    interrupted = False
-    refresh = config.ref_refresh_every
-    with MetricsWriter(run_dir) as writer, stop.installed():
-        if start == 0:
-            eval_before = last_eval = run_eval(0, writer)
-        else:
-            eval_before = _first_eval(run_dir)
-        bar = tqdm(
-            total=config.steps, initial=start, desc="grpo", unit="step", disable=not config.progress
-        )
-        try:
-            for step in range(start + 1, config.steps + 1):
-                if use_ref and refresh and step > 1 and (step - 1) % refresh == 0:
-                    ref_params = jax.tree.map(jnp.copy, state.params)
-                order = task_order(step, config.prompts_per_step, len(train_tasks), config.seed)
-                state, last_train = grpo_step(
-                    state, ref_params, step, [train_tasks[i] for i in order]
-                )
-                writer.write(step, last_train)
-                bar.update(1)
-                bar.set_postfix(
-                    reward=f"{last_train['reward_mean']:.3f}",
-                    len=f"{last_train['completion_len_mean']:.0f}",
-                    refresh=False,
-                )
-                if step % config.eval_every == 0 or step == config.steps:
-                    last_eval = run_eval(step, writer)
-                if checkpointer.due(step):
-                    save()
-                if stop.signal is not None:
-                    log.warning("signal %d: saving step %d and stopping", stop.signal, step)
-                    interrupted = True
-                    break
-            if start >= config.steps:  # resumed a finished run: report its scores again
-                last_eval = run_eval(start, writer)
-            save(force=True)
-        finally:
-            bar.close()
-            checkpointer.close()
-    if config.plots:
-        from train.plots import make_plots
-
-        make_plots(run_dir)
+    result = loop.run(
+        state,
+        step_fn,
+        extra=(lambda: ref) if use_ref else None,
+        evaluate=run_eval,
+        evaluate_first=True,
+        check=lambda step, host: {k: v.item() if np.ndim(v) == 0 else v for k, v in host.items()},
+        postfix=postfix,
+        parallel=parallel,
+    )
     return GRPOResult(
-        step=int(state.step),
-        interrupted=interrupted,
-        train=last_train,
-        eval=last_eval,
-        eval_before=eval_before,
-        wall_s=time.perf_counter() - wall_start,
+        step=result.step,
+        interrupted=result.interrupted,
+        train=result.train,
+        eval=result.eval,
+        eval_before=_first_eval(Path(run_dir)),
+        wall_s=result.wall_s,
     )

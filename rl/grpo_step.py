@@ -4,7 +4,8 @@ The update is a pure jitted function of (TrainState, batch); `GRPOStep` wires it
 rollout and the rewards for a run. The log-probs the loss trains on come from the training
 forward pass; with mu = 1 the rollout policy is the current one, so its log-probs are that
 same forward pass with the gradient stopped (as TRL does), and with mu > 1 they are computed
-once before the first update.
+once before the first update. On a mesh (`parallel`), the update keeps the state in its
+shardings and the rollout batch is split over the batch axes when its row count allows.
 """
 
 from __future__ import annotations
@@ -27,27 +28,23 @@ from rl.evaluate import decode_completions, task_columns
 from rl.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from rl.rewards import Weighted
 from rl.rollout import Rollout, rollout, token_logprobs
+from sharding.mesh import Parallel
 from train.optimizer import OptimizerConfig, make_optimizer
+from train.sharded_state import state_shardings
 from train.state import TrainState
 from train.tokenizer import Tokenizer
 
 
-def make_update_step(
-    cfg: ModelConfig,
-    loss_cfg: GRPOLossConfig,
-    optimizer: optax.GradientTransformation,
-    temperature: float,
-    *,
-    on_policy: bool,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """One policy update on a rollout batch {tokens, mask, advantages, sampler_logp,
-    [old_logp], [ref_logp]}. on_policy: the batch was sampled from these very parameters
-    (mu = 1), so the old log-probs are this forward pass's, gradient stopped. A non-finite
-    loss or gradient drops the update and counts it in state.skipped. The MTP modules are
-    not part of the RL policy and stay exactly as they are."""
+def grpo_objective(
+    cfg: ModelConfig, loss_cfg: GRPOLossConfig, temperature: float, *, on_policy: bool
+) -> Callable[[dict, dict, dict], tuple[jax.Array, dict]]:
+    """(params, router_bias, batch) -> (GRPO loss, metrics) on a rollout batch {tokens, mask,
+    advantages, sampler_logp, [old_logp], [ref_logp]}. on_policy: the batch was sampled from
+    these very parameters (mu = 1), so the old log-probs are this forward pass's, gradient
+    stopped."""
 
-    def loss_fn(params, state, batch):
-        variables = {"params": params, "router_bias": state.router_bias}
+    def loss_fn(params, router_bias, batch):
+        variables = {"params": params, "router_bias": router_bias}
         logp, entropy = token_logprobs(cfg, variables, batch["tokens"], temperature)
         old = jax.lax.stop_gradient(logp) if on_policy else batch["old_logp"]
         loss, metrics = grpo_loss(
@@ -62,9 +59,25 @@ def make_update_step(
         }
         return loss, metrics
 
+    return loss_fn
+
+
+def make_update_step(
+    cfg: ModelConfig,
+    loss_cfg: GRPOLossConfig,
+    optimizer: optax.GradientTransformation,
+    temperature: float,
+    *,
+    on_policy: bool,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """One policy update on a rollout batch (see `grpo_objective`). A non-finite loss or
+    gradient drops the update and counts it in state.skipped. The MTP modules are not part
+    of the RL policy and stay exactly as they are."""
+    objective = grpo_objective(cfg, loss_cfg, temperature, on_policy=on_policy)
+
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state, batch
+        (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, state.router_bias, batch
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -84,13 +97,33 @@ def make_update_step(
 
 
 @functools.lru_cache(maxsize=8)
-def jitted_update(cfg, loss_cfg, opt_cfg: OptimizerConfig, temperature: float, on_policy: bool):
-    """make_update_step jitted with the state donated; one compilation per configuration,
-    shared by the runs of a process (seeds, sweeps, tests)."""
-    step = make_update_step(
-        cfg, loss_cfg, make_optimizer(opt_cfg), temperature, on_policy=on_policy
-    )
-    return jax.jit(step, donate_argnums=0)
+def jitted_update(
+    cfg,
+    loss_cfg,
+    opt_cfg: OptimizerConfig,
+    temperature: float,
+    on_policy: bool,
+    parallel: Parallel | None = None,
+):
+    """make_update_step jitted with the state donated (and, with `parallel`, kept in its
+    shardings); one compilation per configuration, shared by the runs of a process."""
+    optimizer = make_optimizer(opt_cfg)
+    step = make_update_step(cfg, loss_cfg, optimizer, temperature, on_policy=on_policy)
+    if parallel is None:
+        return jax.jit(step, donate_argnums=0)
+    shardings = state_shardings(cfg, optimizer, parallel)
+    return jax.jit(step, out_shardings=(shardings, parallel.replicated()), donate_argnums=0)
+
+
+def place_batch(batch: dict, parallel: Parallel | None) -> dict:
+    """A rollout batch's arrays split over the mesh's batch axes (replicated when the row
+    count does not divide; on one device as they are)."""
+    if parallel is None:
+        return batch
+    rows = len(batch["tokens"])
+    if rows % parallel.batch_size_multiple:
+        return jax.device_put(batch, parallel.replicated())
+    return jax.device_put(batch, parallel.batch_sharding())
 
 
 @functools.lru_cache(maxsize=8)
@@ -138,6 +171,7 @@ class GRPOStep:
     max_new_tokens: int
     row_len: int
     seed: int
+    parallel: Parallel | None = None  # the mesh the state lives on; None: one device
 
     def __call__(
         self,
@@ -160,11 +194,12 @@ class GRPOStep:
         totals, per_fn = self.reward(prompts, texts, **task_columns(tasks, G))
         rewards = np.array([np.nan if r is None else r for r in totals], np.float32)
         batch = {
-            "tokens": jnp.asarray(ro.tokens),
-            "mask": jnp.asarray(ro.mask * np.isfinite(rewards)[:, None]),
-            "advantages": group_advantages(jnp.asarray(rewards), G, self.loss.adv_eps),
-            "sampler_logp": jnp.asarray(ro.sampler_logp),
+            "tokens": ro.tokens,
+            "mask": ro.mask * np.isfinite(rewards)[:, None],
+            "advantages": np.asarray(group_advantages(jnp.asarray(rewards), G, self.loss.adv_eps)),
+            "sampler_logp": ro.sampler_logp,
         }
+        batch = place_batch(batch, self.parallel)
         start = time.perf_counter()
         logprobs = jitted_logprobs(self.cfg, T)
         if self.mu > 1:
@@ -172,7 +207,7 @@ class GRPOStep:
         if ref_params is not None:
             ref = {"params": ref_params, "router_bias": state.router_bias}
             batch["ref_logp"] = logprobs(ref, batch["tokens"])[0]
-        update = jitted_update(self.cfg, self.loss, self.optimizer, T, self.mu == 1)
+        update = jitted_update(self.cfg, self.loss, self.optimizer, T, self.mu == 1, self.parallel)
         updates = []
         for _ in range(self.mu):
             state, metrics = update(state, batch)

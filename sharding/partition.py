@@ -1,7 +1,7 @@
-"""From logical axis names to device shardings: parameters, optimizer state, batches.
+"""From logical axis names to device shardings: model variables and batches.
 
-State is created directly in its shardings (`jax.eval_shape` -> logical specs -> mesh
-shardings -> `jax.jit(init, out_shardings=...)`), so no device ever holds all parameters.
+Train states (optimizer moments, step, RNG) are the trainer's: `train/sharded_state.py`
+builds their shardings from `variable_shardings`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ import math
 import flax.linen as nn
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 import model
 from model import ModelConfig
 from sharding.mesh import Parallel
-from train.state import TrainState, init_state
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +26,8 @@ def _is_spec(x) -> bool:
     return isinstance(x, PartitionSpec)
 
 
-def _keys(path) -> tuple:
+def path_keys(path) -> tuple:
+    """A pytree key path as plain keys ('params', 'layer_0', 'kernel')."""
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
@@ -57,50 +56,9 @@ def variable_shardings(cfg: ModelConfig, parallel: Parallel) -> dict:
     shapes = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
 
     def one(path, spec, leaf):
-        return mesh_sharding(spec, leaf.shape, parallel, "/".join(map(str, _keys(path))))
+        return mesh_sharding(spec, leaf.shape, parallel, "/".join(map(str, path_keys(path))))
 
     return jax.tree_util.tree_map_with_path(one, logical, shapes, is_leaf=_is_spec)
-
-
-def state_shardings(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, parallel: Parallel
-) -> TrainState:
-    """NamedShardings of every TrainState leaf: optimizer moments follow their parameter."""
-    variables = variable_shardings(cfg, parallel)
-    abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer), jax.random.key(0))
-    by_path = {
-        _keys(p): s
-        for p, s in jax.tree_util.tree_leaves_with_path(variables["params"], is_leaf=_is_spec)
-    }
-    replicated = parallel.replicated()
-
-    def follow_param(path, leaf):
-        # An optimizer leaf shaped like a parameter, under that parameter's path (mu, nu, ...).
-        keys = _keys(path)
-        for start in range(len(keys)):
-            sharding = by_path.get(keys[start:])
-            if sharding is not None and len(sharding.spec) <= leaf.ndim:
-                return sharding
-        return replicated
-
-    return TrainState(
-        step=replicated,
-        params=variables["params"],
-        opt_state=jax.tree_util.tree_map_with_path(follow_param, abstract.opt_state),
-        router_bias=variables.get("router_bias", {}),
-        rng=replicated,
-        skipped=replicated,
-    )
-
-
-def init_state_sharded(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, rng: jax.Array, parallel: Parallel
-) -> tuple[TrainState, TrainState]:
-    """(state created in place on the mesh, its shardings)."""
-    shardings = state_shardings(cfg, optimizer, parallel)
-    with parallel.activate():
-        init = jax.jit(functools.partial(init_state, cfg, optimizer), out_shardings=shardings)
-        return init(rng), shardings
 
 
 def global_batch(parallel: Parallel, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

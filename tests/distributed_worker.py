@@ -40,10 +40,11 @@ def run(single: bool) -> list[float]:
     """Per-step losses of STEPS train steps on this run's mesh."""
     # Imported after initialize(): nothing may touch a JAX backend before it.
     from sharding.mesh import ParallelConfig, make_parallel
-    from sharding.partition import global_batch, init_state_sharded
+    from sharding.partition import global_batch
     from tests.conftest import tiny_config
     from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
     from train.packing import to_batch
+    from train.sharded_state import init_state_sharded
     from train.step import LossConfig, make_train_step
 
     cfg = tiny_config(d_model=64, vocab_size=128)

@@ -1,4 +1,5 @@
-"""The training loop: exact resume, SIGTERM saves, non-finite handling, corrupt checkpoints."""
+"""The training loop: exact resume, SIGTERM saves, non-finite handling, damaged and
+incompatible checkpoints, run-dir config guard, throughput."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_config
-from train.checkpoint import Checkpointer
-from train.loop import LoopConfig, NonFiniteLossError, train
+from train.checkpoint import Checkpointer, IncompatibleCheckpointError
+from train.lm_train import NonFiniteLossError, train
+from train.loop import LoopConfig
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
+from train.run_dir import ConfigMismatchError
 from train.state import init_state
 from train.step import LossConfig, NonFinite
 
@@ -72,10 +75,10 @@ def _eval():
     return (_batch(10**7 + i) for i in range(2))
 
 
-def _run(run_dir, loop=LOOP, loss=None, train_iter=None, **kw):
+def _run(run_dir, loop=LOOP, loss=None, train_iter=None, model_cfg=CFG, **kw):
     return train(
         run_dir,
-        model_cfg=CFG,
+        model_cfg=model_cfg,
         loss_cfg=loss or LossConfig(),
         opt_cfg=OPT,
         loop_cfg=loop,
@@ -104,6 +107,10 @@ def test_resume_continues_with_identical_losses(tmp_path):
     assert a[6] < a[1]  # and it learns
     assert resumed.eval["ce"] == pytest.approx(full.eval["ce"], rel=1e-6)
     assert full.tokens_per_s > 0 and 0 < full.mfu < 1
+    # Throughput covers the resumed run's steps only, and never more time than it ran.
+    assert 0 < resumed.timed_s <= resumed.wall_s and 0 < resumed.mfu < 1
+    assert resumed.timed_tokens <= 3 * B * L
+    assert resumed.tokens_per_s == pytest.approx(resumed.timed_tokens / resumed.timed_s)
     again = _run(tmp_path / "full")  # nothing left to train: it reports the held-out loss
     assert again.step == 6 and again.eval["ce"] == pytest.approx(full.eval["ce"], rel=1e-6)
 
@@ -136,14 +143,71 @@ def test_non_finite_loss_can_be_skipped(tmp_path):
     assert result.step == 2 and int(result.train["skipped"]) == 2
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, caplog):
+def _damage_by_garbage(folder):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+
+
+def _damage_by_deleting_arrays(folder):
+    # The metadata still reads back, the array data does not.
+    for path in folder.rglob("*"):
+        if path.is_file() and path.parent.name == "d":
+            path.unlink()
+
+
+@pytest.mark.parametrize("damage", [_damage_by_garbage, _damage_by_deleting_arrays])
+def test_damaged_latest_checkpoint_falls_back_to_previous(tmp_path, caplog, damage):
     _run(tmp_path)
     ckpt = Checkpointer(tmp_path / "checkpoints", every=3, keep=3)
     assert ckpt.steps() == [3, 6]
-    for path in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
-        if path.is_file():
-            path.write_bytes(b"garbage")
+    damage(tmp_path / "checkpoints" / "6" / "state")
     like = init_state(CFG, make_optimizer(OPT), jax.random.key(0))
     state, meta, _ = ckpt.restore_latest(like, None)
     assert int(state.step) == 3 and meta == {"test": True}
-    assert "unreadable" in caplog.text
+    assert "checkpoint 6" in caplog.text and "damaged" in caplog.text
+
+
+def _files(run_dir) -> dict:
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and "tensorboard" not in p.parts
+    }
+
+
+def test_changed_config_is_refused_before_anything_is_written(tmp_path):
+    _run(tmp_path, loop=dataclasses.replace(LOOP, steps=3))
+    before = _files(tmp_path)
+    with pytest.raises(ConfigMismatchError) as err:
+        _run(tmp_path, model_cfg=CFG.replace(d_model=64), seed=1)
+    message = str(err.value)
+    assert "model.d_model: 32 -> 64" in message and "seed: 0 -> 1" in message
+    assert "loop.steps" not in message.split("Fields that")[0]  # a safe change is not listed
+    assert "--run-dir" in message and "loop.allow_config_change=true" in message
+    assert _files(tmp_path) == before
+
+
+def test_incompatible_checkpoint_is_an_error_not_a_fallback(tmp_path):
+    _run(tmp_path, loop=dataclasses.replace(LOOP, steps=3))
+    config = (tmp_path / "config.json").read_text()
+    allowed = dataclasses.replace(LOOP, allow_config_change=True)
+    with pytest.raises(IncompatibleCheckpointError) as err:
+        _run(tmp_path, loop=allowed, model_cfg=CFG.replace(d_model=64))
+    message = str(err.value)
+    assert "checkpoint 3" in message and "not damaged" in message
+    assert "state/params/embed/embedding: saved shape (97, 32), this config's (97, 64)" in message
+    assert Checkpointer(tmp_path / "checkpoints", every=3, keep=3).steps() == [3]
+    assert (tmp_path / "config.json").read_text() == config  # still the checkpoints' config
+
+
+def test_short_run_throughput_is_consistent(tmp_path):
+    result = _run(tmp_path, loop=dataclasses.replace(LOOP, steps=3, checkpoint_every=1))
+    # Step 1 (compilation) is untimed; steps 2 and 3 are timed, each saved and step 3 evaluated.
+    assert result.timed_tokens == 2 * B * L
+    assert 0 < result.timed_s < result.wall_s
+    assert result.tokens_per_s == pytest.approx(result.timed_tokens / result.timed_s)
+    assert 0 < result.mfu < 1
+    records = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    timed = [r for r in records if "tokens_per_s" in r]
+    assert [r["step"] for r in timed] == [2, 3] and all(r["mfu"] < 1 for r in timed)

@@ -13,6 +13,7 @@ from tests.conftest import tiny_config
 from train.data import DataConfig
 from train.pretrain import PretrainConfig, evaluate_run
 from train.run import load_run
+from train.run_dir import ConfigMismatchError
 
 _DEFAULT = pretrain_tiny.get_config()
 
@@ -60,6 +61,12 @@ def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch, capsys):
     assert main([*argv, "--no-stop", "--num-samples", "2", "--temperature", "1"]) == 0
     out = capsys.readouterr().out
     assert "at step 4" in out and "sample 1 (length)" in out and "--- 10 tokens" in out
+
+    # A rerun with another model is refused before it writes anything.
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigMismatchError, match=r"model\.d_model: 32 -> 64"):
+        main(["pretrain-tiny", "--run-dir", str(tmp_path), "--set", "model.d_model=64"])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_load_run_errors_name_the_problem(tmp_path):

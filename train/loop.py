@@ -1,8 +1,17 @@
-"""The reusable training loop: jit once with donation, overlapped metric fetches, held-out
-evaluation, orbax checkpoints with exact resume, clean stops on SIGTERM/SIGINT, plots.
+"""The one training loop: run-dir guard, resume, checkpoint cadence, metrics, held-out
+evaluation cadence, clean stops on SIGTERM/SIGINT, progress, throughput and plots.
 
-Pre-training uses it as is; SFT, RL and distillation pass their own step functions' inputs
-(model, loss and optimizer configs) and iterators.
+Each trainer drives it with its own step function and data source, and owns nothing of the
+loop itself:
+
+    loop = TrainLoop(run_dir, loop_cfg, config=to_json(cfg), safe=("loop",), override=...)
+    state, extra = loop.resume(fresh_state, data=iterator, extra={"ref": ref})
+    result = loop.run(state, step_fn, data=iterator, evaluate=eval_fn)
+
+Pre-training (train/lm_train.py) passes a jitted step over grain batches; GRPO (rl/grpo.py)
+a rollout + update step over its task order, with the reference policy as `extra`. A step
+function returns `(state, metrics)`; metrics may be device arrays: they are fetched after the
+next step is dispatched, so the host never stalls the device.
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,26 +30,22 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from model import ModelConfig
-from sharding.mesh import Parallel, ParallelConfig, make_parallel
-from sharding.partition import global_batch, init_state_sharded
+from sharding.mesh import Parallel
 from train.checkpoint import Checkpointer
-from train.flops import flops_per_token
 from train.metrics import MetricsWriter, Throughput
-from train.optimizer import OptimizerConfig, make_optimizer
+from train.run_dir import check_run_dir, write_config
 from train.state import TrainState
-from train.step import LossConfig, NonFinite, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
 
-
-class NonFiniteLossError(RuntimeError):
-    """A step produced a non-finite loss or gradient under NonFinite.HALT."""
+StepFn = Callable[[TrainState, int], tuple[TrainState, Mapping[str, Any]]]
 
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    """How long to train and how often to evaluate, save and log."""
+    """How long to train and how often to evaluate, save and log. Every field may change
+    when a run resumes; allow_config_change also lets the other parts of a run's config
+    change (see train/run_dir.py)."""
 
     steps: int = 1000
     eval_every: int = 100
@@ -51,6 +56,7 @@ class LoopConfig:
     peak_flops: float | None = 165e9  # for MFU; the 2-core CPU's measured f32 matmul peak
     progress: bool = True
     plots: bool = True
+    allow_config_change: bool = False
 
     def __post_init__(self):
         for name in ("steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -67,7 +73,9 @@ class LoopConfig:
 
 @dataclasses.dataclass
 class RunResult:
-    """What a run ended with (the last train and eval metrics, throughput, why it stopped)."""
+    """What a run ended with: the last train and eval metrics, why it stopped, and its
+    throughput over the timed steps (timed_tokens in timed_s; compilation, evaluation and
+    saving excluded)."""
 
     step: int
     interrupted: bool
@@ -76,6 +84,8 @@ class RunResult:
     wall_s: float
     tokens_per_s: float
     mfu: float | None
+    timed_tokens: float = 0.0
+    timed_s: float = 0.0
 
 
 class StopFlag:
@@ -103,198 +113,207 @@ class StopFlag:
                 signal.signal(s, h)
 
 
-def _host_scalars(metrics: dict) -> dict[str, Any]:
-    return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+def host_scalars(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's metrics fetched to the host as numpy values (waits for the step)."""
+    return {k: np.asarray(v) for k, v in jax.device_get(dict(metrics)).items()}
 
 
-def evaluate(
-    eval_step,
-    variables: dict,
-    batches: Iterable[dict],
-    mtp_weight: float,
-    parallel: Parallel | None = None,
-) -> dict:
-    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum.
+class _Clock:
+    """Seconds per step between completions: a step's interval runs from the previous step's
+    completion (or the end of the untimed work after it) to its own, so compilation,
+    evaluation and saving are never counted, and nothing of a step is left out."""
 
-    With `parallel`, batches are this process's rows of global batches."""
-    totals: dict[str, list[float]] = {}
-    for batch in batches:
-        if parallel is not None:
-            batch = global_batch(parallel, batch)
-        for name, (total, count) in jax.device_get(eval_step(variables, batch)).items():
-            acc = totals.setdefault(name, [0.0, 0.0])
-            acc[0] += float(total)
-            acc[1] += float(count)
-    if not totals:
-        return {}
-    means = {name: total / max(count, 1.0) for name, (total, count) in totals.items()}
-    depths = [v for k, v in means.items() if k.startswith("mtp_")]
-    out = {"ce": means["ce"]}
-    if depths:
-        out["mtp_loss"] = float(np.mean(depths))
-    out["loss"] = out["ce"] + mtp_weight * out.get("mtp_loss", 0.0)
-    return out
+    def __init__(self, throughput: Throughput | None):
+        self.throughput = throughput
+        self.anchor: float | None = None  # None: the next interval holds compilation
+        self.tokens = 0.0
+        self.seconds = 0.0
+
+    def lap(self, host: dict) -> dict:
+        now = time.perf_counter()
+        if self.anchor is not None and self.throughput is not None and "tokens" in host:
+            seconds = now - self.anchor
+            self.tokens += float(host["tokens"])
+            self.seconds += seconds
+            host = host | self.throughput.measure(int(host["tokens"]), seconds)
+        self.anchor = now
+        return host
+
+    def restart(self) -> None:
+        """After untimed work (evaluation, saving): the next interval starts now."""
+        if self.anchor is not None:
+            self.anchor = time.perf_counter()
+
+    def totals(self) -> tuple[float, float | None]:
+        if not self.seconds or self.throughput is None:
+            return 0.0, None
+        measured = self.throughput.measure(int(self.tokens), self.seconds)
+        return measured["tokens_per_s"], measured.get("mfu")
 
 
-def train(
-    run_dir: str | Path,
-    *,
-    model_cfg: ModelConfig,
-    loss_cfg: LossConfig,
-    opt_cfg: OptimizerConfig,
-    loop_cfg: LoopConfig,
-    train_iter: Iterator[dict],
-    eval_batches: Callable[[], Iterable[dict]] | None,
-    seq_len: int,
-    seed: int = 0,
-    meta: dict | None = None,
-    initial_state: Callable[[TrainState], TrainState] | None = None,
-    parallel: Parallel | None = None,
-) -> RunResult:
-    """Train to loop_cfg.steps, resuming from run_dir/checkpoints when one is there.
+class TrainLoop:
+    """One run dir's loop. Construction checks the run dir (`check_run_dir`: a config that
+    differs outside `safe` is refused before anything is written) and opens its
+    checkpoints; `resume` restores, then writes config.json; `run` trains to
+    loop_cfg.steps."""
 
-    `train_iter` should be a grain iterator (its state is checkpointed); `eval_batches()` yields
-    the held-out batches afresh each call. `initial_state(fresh)` may replace the freshly
-    initialized state of a new run (e.g. weights from another run's checkpoint). `parallel`
-    (default: FSDP over every device) gives the mesh and rules; batches are this process's
-    rows, and the state is created, stepped and checkpointed in its shardings.
-    """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    meta = dict(meta or {})
-    optimizer = make_optimizer(opt_cfg)
-    schedule = opt_cfg.schedule
-    parallel = parallel or make_parallel(ParallelConfig())
-    state, shardings = init_state_sharded(model_cfg, optimizer, jax.random.key(seed), parallel)
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", every=loop_cfg.checkpoint_every, keep=loop_cfg.keep_checkpoints
-    )
-    saveable_iter = train_iter if hasattr(train_iter, "get_state") else None
-    restored = checkpointer.restore_latest(state, saveable_iter)
-    if restored is not None:
-        state = restored[0]
-        log.info("resumed from step %d in %s", int(state.step), checkpointer.directory)
-    elif initial_state is not None:
-        state = jax.device_put(initial_state(state), shardings)
+    def __init__(
+        self,
+        run_dir: str | Path,
+        loop_cfg: LoopConfig,
+        *,
+        config: Mapping[str, Any],
+        safe: Collection[str],
+        override: str,
+        meta: dict | None = None,
+        desc: str = "train",
+    ):
+        self.run_dir = Path(run_dir)
+        self.cfg = loop_cfg
+        self.config = dict(config)
+        self.changes = check_run_dir(
+            self.run_dir,
+            config,
+            safe=safe,
+            allow_change=loop_cfg.allow_config_change,
+            override=override,
+        )
+        self.meta = dict(meta or {})
+        self.desc = desc
+        self._written = False
+        self.checkpointer = Checkpointer(
+            self.run_dir / "checkpoints",
+            every=loop_cfg.checkpoint_every,
+            keep=loop_cfg.keep_checkpoints,
+        )
 
-    batch_sharding = parallel.batch_sharding()
-    train_step = jax.jit(
-        make_train_step(model_cfg, loss_cfg, optimizer, schedule),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, parallel.replicated()),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(
-        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings.variables, batch_sharding)
-    )
-    throughput = Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops)
-    start_step, stop = int(state.step), StopFlag()
-    last_train: dict[str, Any] = {}
-    last_eval: dict[str, float] = {}
-    timed_tokens, timed_seconds = 0.0, 0.0
-    wall_start = time.perf_counter()
+    def resume(
+        self, state: TrainState, *, data: Any | None = None, extra: Any | None = None
+    ) -> tuple[TrainState, Any, bool]:
+        """(state, extra, resumed): the newest checkpoint's, shaped and sharded like the given
+        ones (the data iterator restored in place), or the given ones when there is none."""
+        restored = self.checkpointer.restore_latest(state, _saveable(data), extra_like=extra)
+        self._write_config()  # the checkpoints fit this config (or there are none)
+        if restored is None:
+            return state, extra, False
+        log.info("resumed from step %d in %s", int(restored.state.step), self.run_dir)
+        return restored.state, restored.extra, True
 
-    def save(state, force=False):
-        checkpointer.save(state, saveable_iter, meta, force=force)
+    def run(
+        self,
+        state: TrainState,
+        step_fn: StepFn,
+        *,
+        data: Any | None = None,
+        extra: Callable[[], Any] | None = None,
+        evaluate: Callable[[TrainState, int], dict] | None = None,
+        evaluate_first: bool = False,
+        check: Callable[[int, dict], dict] | None = None,
+        throughput: Throughput | None = None,
+        postfix: Callable[[dict], dict] | None = None,
+        parallel: Parallel | None = None,
+    ) -> RunResult:
+        """Step from state.step to loop_cfg.steps, then save; returns the run's result.
 
-    def run_eval(state, step, writer):
-        nonlocal last_eval
-        if eval_batches is None or loop_cfg.eval_batches == 0:
-            return
-        mtp_weight = float(loss_cfg.mtp_weight_at(np.int32(step)))
-        last_eval = evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
-        writer.write(step, last_eval, prefix="eval/")
+        data: the checkpointable iterator step_fn reads (saved with each checkpoint);
+        extra(): a pytree saved beside the state (e.g. GRPO's reference policy);
+        evaluate(state, step): held-out metrics (logged under eval/) every eval_every steps,
+        at the last step, before the first step with evaluate_first, and again when a finished
+        run is resumed; check(step, host metrics): the record to log (may raise to halt);
+        throughput: tokens/s and MFU from each step's `tokens` metric; postfix(record): the
+        progress bar's fields; parallel: the mesh and rules the steps run under."""
+        self._write_config()
+        cfg, checkpointer = self.cfg, self.checkpointer
+        start, stop, clock = int(state.step), StopFlag(), _Clock(throughput)
+        last_train: dict[str, Any] = {}
+        last_eval: dict[str, float] = {}
+        wall_start = time.perf_counter()
+        interrupted = False
 
-    def record(step: int, metrics: dict, seconds: float | None, writer, bar) -> None:
-        nonlocal last_train, timed_tokens, timed_seconds
-        host = _host_scalars(metrics)
-        if not bool(host.pop("finite")) and loss_cfg.nonfinite is NonFinite.HALT:
-            raise NonFiniteLossError(
-                f"step {step}: loss {float(host['loss'])}, grad norm {float(host['grad_norm'])} "
-                f"is not finite; the update was dropped and nothing was saved from it (latest "
-                f"checkpoint: {checkpointer.steps()[-1:] or 'none'}). Set "
-                "loss.nonfinite=skip to skip such steps instead."
-            )
-        tokens = float(host["tokens"])
-        if seconds is not None:  # untimed: compilation, evaluation or saving in the interval
-            timed_tokens += tokens
-            timed_seconds += seconds
-            host |= throughput.measure(int(tokens), seconds)
-        load = host.pop("expert_load", None)
-        every = loop_cfg.expert_load_every
-        if load is not None and every and (step % every == 0 or step == loop_cfg.steps):
-            host["expert_load"] = load
-        writer.write(step, host)
-        last_train = host
-        if bar is not None:
-            bar.set_postfix(
-                loss=f"{float(host['loss']):.3f}",
-                tok_s=f"{host.get('tokens_per_s', 0):.0f}",
-                refresh=False,
-            )
+        def save(state, force=False):
+            payload = extra() if extra is not None else None
+            checkpointer.save(state, _saveable(data), self.meta, force=force, extra=payload)
 
-    interrupted = False
-    with MetricsWriter(run_dir) as writer, stop.installed(), parallel.activate():
-        bar = None
-        if loop_cfg.progress:
-            bar = tqdm(total=loop_cfg.steps, initial=start_step, desc="train", unit="step")
-        pending = None  # (step, metrics, dispatch time, untimed) of the step before
-        try:
-            for step in range(start_step + 1, loop_cfg.steps + 1):
-                batch = global_batch(parallel, next(train_iter))
-                dispatched = time.perf_counter()
-                state, metrics = train_step(state, batch)
-                if pending is not None:  # fetch step N-1's metrics while step N runs
-                    prev_step, prev_metrics, prev_time, untimed = pending
-                    record(
-                        prev_step,
-                        prev_metrics,
-                        None if untimed else dispatched - prev_time,
-                        writer,
-                        bar,
-                    )
-                pending = (step, metrics, dispatched, step == start_step + 1)
+        def run_eval(state, step, writer):
+            nonlocal last_eval
+            if evaluate is not None:
+                metrics = evaluate(state, step)
+                if metrics:
+                    last_eval = metrics
+                    writer.write(step, metrics, prefix="eval/")
+
+        def flush(pending, writer, bar):
+            nonlocal last_train
+            step, metrics = pending
+            host = clock.lap(host_scalars(metrics))
+            if check is not None:
+                host = check(step, host)
+            writer.write(step, host)
+            last_train = host
+            if bar is not None and postfix is not None:
+                bar.set_postfix(postfix(host), refresh=False)
+
+        active = parallel.activate() if parallel is not None else contextlib.nullcontext()
+        with MetricsWriter(self.run_dir) as writer, stop.installed(), active:
+            bar = None
+            if cfg.progress:
+                bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, unit="step")
+            pending = None  # the step before, whose metrics are fetched after this one starts
+            try:
+                if evaluate_first and start == 0:
+                    run_eval(state, 0, writer)
+                for step in range(start + 1, cfg.steps + 1):
+                    state, metrics = step_fn(state, step)
+                    if pending is not None:
+                        flush(pending, writer, bar)
+                    pending = (step, metrics)
+                    if bar is not None:
+                        bar.update(1)
+                    eval_due = step % cfg.eval_every == 0 or step == cfg.steps
+                    if eval_due or checkpointer.due(step) or stop.signal is not None:
+                        flush(pending, writer, bar)  # time this step before the untimed work
+                        pending = None
+                        if eval_due:
+                            run_eval(state, step, writer)
+                        if checkpointer.due(step):
+                            save(state)
+                        clock.restart()
+                    if stop.signal is not None:
+                        log.warning("signal %d: saving step %d and stopping", stop.signal, step)
+                        interrupted = True
+                        break
+                if pending is not None:
+                    flush(pending, writer, bar)
+                if start >= cfg.steps:  # resumed a finished run: report its held-out scores
+                    run_eval(state, start, writer)
+                save(state, force=True)
+            finally:
                 if bar is not None:
-                    bar.update(1)
-                # Evaluation and saving run between two steps: leave this step untimed.
-                if step % loop_cfg.eval_every == 0 or step == loop_cfg.steps:
-                    run_eval(state, step, writer)
-                    pending = (*pending[:3], True)
-                if checkpointer.due(step):
-                    save(state)
-                    pending = (*pending[:3], True)
-                if stop.signal is not None:
-                    log.warning("signal %d: saving step %d and stopping", stop.signal, step)
-                    interrupted = True
-                    break
-            if pending is None:  # resumed a finished run: report its held-out losses again
-                run_eval(state, int(state.step), writer)
-            else:
-                prev_step, prev_metrics, prev_time, untimed = pending
-                record(
-                    prev_step,
-                    prev_metrics,
-                    None if untimed else time.perf_counter() - prev_time,
-                    writer,
-                    bar,
-                )
-            save(state, force=True)
-        finally:
-            if bar is not None:
-                bar.close()
-            checkpointer.close()
-    if loop_cfg.plots:
-        from train.plots import make_plots
+                    bar.close()
+                checkpointer.close()
+        if cfg.plots:
+            from train.plots import make_plots
 
-        make_plots(run_dir)
-    tokens_per_s = timed_tokens / timed_seconds if timed_seconds else 0.0
-    mfu = throughput.measure(int(timed_tokens), timed_seconds).get("mfu") if timed_seconds else None
-    return RunResult(
-        step=int(state.step),
-        interrupted=interrupted,
-        train=last_train,
-        eval=last_eval,
-        wall_s=time.perf_counter() - wall_start,
-        tokens_per_s=tokens_per_s,
-        mfu=mfu,
-    )
+            make_plots(self.run_dir)
+        tokens_per_s, mfu = clock.totals()
+        return RunResult(
+            step=int(state.step),
+            interrupted=interrupted,
+            train=last_train,
+            eval=last_eval,
+            wall_s=time.perf_counter() - wall_start,
+            tokens_per_s=tokens_per_s,
+            mfu=mfu,
+            timed_tokens=clock.tokens,
+            timed_s=clock.seconds,
+        )
+
+    def _write_config(self) -> None:
+        if not self._written:
+            write_config(self.run_dir, self.config, self.changes)
+            self._written = True
+
+
+def _saveable(data: Any | None) -> Any | None:
+    # Only iterators with a state (grain's) are checkpointed; plain ones restart.
+    return data if hasattr(data, "get_state") else None

@@ -7,7 +7,6 @@ of `pretrain`; a later stage can start from an earlier run's weights with `init_
 from __future__ import annotations
 
 import dataclasses
-import enum
 import itertools
 import json
 import logging
@@ -21,10 +20,12 @@ import model
 from model import ModelConfig
 from sharding.mesh import ParallelConfig, make_parallel
 from train.data import TOKENIZER_FILE, DataConfig, make_iterator, prepare_tokenizer
-from train.loop import LoopConfig, evaluate, train
+from train.lm_train import OVERRIDE, SAFE_FIELDS, evaluate, train
+from train.loop import LoopConfig
 from train.metrics import read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig
 from train.run import latest_weights
+from train.run_dir import check_run_dir, to_json
 from train.splits import Split
 from train.state import TrainState
 from train.step import LossConfig, make_eval_step
@@ -66,27 +67,23 @@ class PretrainConfig:
             )
 
 
-def to_json(obj: Any) -> Any:
-    """A config as JSON-ready data (enums by value)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    if isinstance(obj, tuple | list):
-        return [to_json(x) for x in obj]
-    return obj
-
-
 def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Train (or resume) in run_dir; returns a summary of scalars."""
+    """Train (or resume) in run_dir; returns a summary of scalars. A run dir made by a
+    config that differs outside SAFE_FIELDS is refused before anything is written."""
     run_dir = Path(run_dir)
+    source = Path(config.init_from or ".") / TOKENIZER_FILE
+    if config.init_from is not None and not source.is_file():
+        raise FileNotFoundError(f"init_from: {source} does not exist")
+    check_run_dir(  # before the tokenizer is written; train() writes the config
+        run_dir,
+        to_json(config),
+        safe=SAFE_FIELDS,
+        allow_change=config.loop.allow_config_change,
+        override=OVERRIDE,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
-    if config.init_from is not None:
-        source = Path(config.init_from) / TOKENIZER_FILE
-        if not source.is_file():
-            raise FileNotFoundError(f"init_from: {source} does not exist")
-        if not (run_dir / TOKENIZER_FILE).exists():
-            shutil.copy(source, run_dir / TOKENIZER_FILE)
+    if config.init_from is not None and not (run_dir / TOKENIZER_FILE).exists():
+        shutil.copy(source, run_dir / TOKENIZER_FILE)
     tokenizer = prepare_tokenizer(
         config.data,
         run_dir,
@@ -94,7 +91,6 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         sample_bytes=config.tokenizer_sample_bytes,
     )
     cfg = config.model.replace(vocab_size=tokenizer.vocab_size)
-    (run_dir / "config.json").write_text(json.dumps(to_json(config), indent=2) + "\n")
 
     initial_state = None
     if config.init_from is not None:
@@ -124,6 +120,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         meta={"config": to_json(config)},
         initial_state=initial_state,
         parallel=make_parallel(config.parallel),
+        config=to_json(config),
     )
     maxvio = [r["maxvio_mean"] for r in read_metrics(run_dir) if "maxvio_mean" in r]
     tail = maxvio[-max(len(maxvio) // 10, 1) :]

@@ -17,9 +17,8 @@ import model
 from model import ModelConfig
 from train.checkpoint import Checkpointer
 from train.data import TOKENIZER_FILE
+from train.run_dir import CONFIG_FILE
 from train.tokenizer import Tokenizer
-
-CONFIG_FILE = "config.json"
 
 
 @dataclasses.dataclass(frozen=True)

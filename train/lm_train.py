@@ -1,0 +1,159 @@
+"""Language-model training on the one loop: the jitted next-token step (CE + MTP + balance
+loss, router bias update) over grain batches, sharded state, held-out evaluation.
+
+Pre-training and context extension call `train`; SFT and distillation will pass their own
+step and data to `train.loop.TrainLoop` the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from model import ModelConfig
+from sharding.mesh import Parallel, ParallelConfig, make_parallel
+from sharding.partition import global_batch
+from train.flops import flops_per_token
+from train.loop import LoopConfig, RunResult, TrainLoop
+from train.metrics import Throughput
+from train.optimizer import OptimizerConfig, make_optimizer
+from train.run_dir import to_json
+from train.sharded_state import init_state_sharded
+from train.state import TrainState
+from train.step import LossConfig, NonFinite, make_eval_step, make_train_step
+
+# Fields of a language-model run's config that may change on resume: the loop's cadence and
+# length, and the mesh (checkpoints restore into any sharding).
+SAFE_FIELDS = ("loop", "parallel")
+OVERRIDE = "loop.allow_config_change=true (--set loop.allow_config_change=true)"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A step produced a non-finite loss or gradient under NonFinite.HALT."""
+
+
+def evaluate(
+    eval_step,
+    variables: dict,
+    batches: Iterable[dict],
+    mtp_weight: float,
+    parallel: Parallel | None = None,
+) -> dict:
+    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum.
+
+    With `parallel`, batches are this process's rows of global batches."""
+    totals: dict[str, list[float]] = {}
+    for batch in batches:
+        if parallel is not None:
+            batch = global_batch(parallel, batch)
+        for name, (total, count) in jax.device_get(eval_step(variables, batch)).items():
+            acc = totals.setdefault(name, [0.0, 0.0])
+            acc[0] += float(total)
+            acc[1] += float(count)
+    if not totals:
+        return {}
+    means = {name: total / max(count, 1.0) for name, (total, count) in totals.items()}
+    depths = [v for k, v in means.items() if k.startswith("mtp_")]
+    out = {"ce": means["ce"]}
+    if depths:
+        out["mtp_loss"] = float(np.mean(depths))
+    out["loss"] = out["ce"] + mtp_weight * out.get("mtp_loss", 0.0)
+    return out
+
+
+def train(
+    run_dir: str | Path,
+    *,
+    model_cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    opt_cfg: OptimizerConfig,
+    loop_cfg: LoopConfig,
+    train_iter: Iterator[dict],
+    eval_batches: Callable[[], Iterable[dict]] | None,
+    seq_len: int,
+    seed: int = 0,
+    meta: dict | None = None,
+    initial_state: Callable[[TrainState], TrainState] | None = None,
+    parallel: Parallel | None = None,
+    config: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Train to loop_cfg.steps, resuming from run_dir/checkpoints when one is there.
+
+    `train_iter` should be a grain iterator (its state is checkpointed); `eval_batches()` yields
+    the held-out batches afresh each call. `initial_state(fresh)` may replace the freshly
+    initialized state of a new run (e.g. weights from another run's checkpoint). `parallel`
+    (default: FSDP over every device) gives the mesh and rules; batches are this process's
+    rows, and the state is created, stepped and checkpointed in its shardings. `config`: the
+    run's whole config as JSON data, guarded against changes (default: the configs given
+    here); a rerun that changes a field outside SAFE_FIELDS is refused before anything runs.
+    """
+    if config is None:
+        config = {
+            "model": to_json(model_cfg),
+            "loss": to_json(loss_cfg),
+            "optimizer": to_json(opt_cfg),
+            "loop": to_json(loop_cfg),
+            "seq_len": seq_len,
+            "seed": seed,
+        }
+    loop = TrainLoop(
+        run_dir, loop_cfg, config=config, safe=SAFE_FIELDS, override=OVERRIDE, meta=meta
+    )
+    optimizer = make_optimizer(opt_cfg)
+    parallel = parallel or make_parallel(ParallelConfig())
+    state, shardings = init_state_sharded(model_cfg, optimizer, jax.random.key(seed), parallel)
+    state, _, resumed = loop.resume(state, data=train_iter)
+    if not resumed and initial_state is not None:
+        state = jax.device_put(initial_state(state), shardings)
+
+    batch_sharding = parallel.batch_sharding()
+    train_step = jax.jit(
+        make_train_step(model_cfg, loss_cfg, optimizer, opt_cfg.schedule),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, parallel.replicated()),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings.variables, batch_sharding)
+    )
+
+    def step_fn(state: TrainState, step: int):
+        return train_step(state, global_batch(parallel, next(train_iter)))
+
+    def run_eval(state: TrainState, step: int) -> dict:
+        if eval_batches is None or loop_cfg.eval_batches == 0:
+            return {}
+        mtp_weight = float(loss_cfg.mtp_weight_at(np.int32(step)))
+        return evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
+
+    def check(step: int, host: dict) -> dict:
+        if not bool(host.pop("finite")) and loss_cfg.nonfinite is NonFinite.HALT:
+            saved = loop.checkpointer.steps()[-1:] or "none"
+            raise NonFiniteLossError(
+                f"step {step}: loss {float(host['loss'])}, grad norm {float(host['grad_norm'])} "
+                f"is not finite; the update was dropped and nothing was saved from it (latest "
+                f"checkpoint: {saved}). Set loss.nonfinite=skip to skip such steps instead."
+            )
+        load = host.pop("expert_load", None)
+        every = loop_cfg.expert_load_every
+        if load is not None and every and (step % every == 0 or step == loop_cfg.steps):
+            host["expert_load"] = load
+        return host
+
+    def postfix(host: dict) -> dict:
+        return {"loss": f"{float(host['loss']):.3f}", "tok_s": f"{host.get('tokens_per_s', 0):.0f}"}
+
+    return loop.run(
+        state,
+        step_fn,
+        data=train_iter,
+        evaluate=run_eval,
+        check=check,
+        throughput=Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops),
+        postfix=postfix,
+        parallel=parallel,
+    )
