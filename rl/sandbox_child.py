@@ -22,11 +22,13 @@ import itertools
 import json
 import linecache
 import marshal
+import operator
 import os
 import re
 import resource
 import signal
 import sys
+import threading
 import traceback
 import types
 
@@ -376,8 +378,11 @@ def _case_thread(program, case, namespace: dict, put):
     SimpleQueue.put), so no Python frame of the harness is on the program's stack (its
     frames' f_back ends at its own module) and no object of the harness is in its reach."""
     values = itertools.islice(map(eval, (program, case), (namespace, namespace)), 1, None)
+    # the sentinel comes unlocked (threading.Thread acquires its own): lock it on this thread
+    sentinel, handed_over = itertools.tee(itertools.starmap(_thread._set_sentinel, [()]))
     steps = itertools.chain(
-        map(put, itertools.starmap(_thread._set_sentinel, [()])),
+        map(operator.methodcaller("acquire"), sentinel),
+        map(put, handed_over),
         map(put, map(marshal.dumps, values, itertools.repeat(_REPORT_VERSION))),
     )
     return functools.partial(collections.deque(maxlen=0).extend, steps)
@@ -408,6 +413,9 @@ def _run_case(source: str, expression: str, vault: list, result_fd: int):
     for signum in signal.valid_signals():
         if callable(signal.getsignal(signum)):  # SIGINT's KeyboardInterrupt, in practice
             signal.signal(signum, signal.SIG_DFL)
+    # threading makes whichever thread first imports it its main thread and takes that
+    # thread's sentinel: let that be this one, not the program's
+    threading.main_thread()
     queue = _queue.SimpleQueue()
     runner = _case_thread(program, case, namespace, queue.put)
     write, exit_, out, err = os.write, os._exit, sys.stdout, sys.stderr
