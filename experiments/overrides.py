@@ -60,4 +60,14 @@ def _set(obj: Any, path: list[str], raw: str, key: str) -> Any:
         value = _set(getattr(obj, path[0]), path[1:], raw, key)
     else:
         value = _convert(raw, typing.get_type_hints(type(obj))[path[0]], key)
-    return dataclasses.replace(obj, **{path[0]: value})
+    field = f"{type(obj).__name__}.{path[0]}"
+    try:
+        return dataclasses.replace(obj, **{path[0]: value})
+    except TypeError as err:
+        # A __post_init__ that compares or calls the new value can fail with a TypeError
+        # (None > 0, ...): the CLI reports it like any invalid value, not as a traceback.
+        raise ValueError(f"--set {key}={raw}: invalid value for {field} ({err})") from err
+    except ValueError as err:
+        if str(err).startswith("--set"):
+            raise
+        raise ValueError(f"--set {key}={raw}: {err}") from err

@@ -17,10 +17,32 @@ from rl.rewards import RewardFn
 from train.tokenizer import Tokenizer
 
 
+def check_tasks(tasks: Sequence[Mapping[str, Any]], where: str) -> None:
+    """Raise ValueError unless every task is a mapping with a str `prompt` and the same keys
+    as the others (the reward columns); `where` names the list in the message."""
+    if isinstance(tasks, str | bytes | Mapping):
+        raise ValueError(f"{where}: expected a list of task dicts, got {type(tasks).__name__}")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Mapping):
+            raise ValueError(f"{where}[{i}]: a task is a dict with a 'prompt', got {task!r:.80}")
+        if not isinstance(task.get("prompt"), str):
+            got = "no 'prompt'" if "prompt" not in task else f"prompt={task['prompt']!r:.80}"
+            raise ValueError(f"{where}[{i}]: a task needs a str 'prompt', has {got}")
+    keys: set[str] = set().union(*tasks)
+    for i, task in enumerate(tasks):
+        missing = sorted(keys - task.keys())
+        if missing:
+            raise ValueError(
+                f"{where}[{i}]: lacks {missing}, which other tasks have (every task needs the "
+                f"same reward columns: {sorted(keys - {'prompt'})})"
+            )
+
+
 def task_columns(tasks: Sequence[Mapping[str, Any]], repeat: int = 1) -> dict[str, list]:
     """The tasks' reward columns (everything but `prompt`), each task repeated `repeat`
     times in a row (G samples per prompt)."""
-    keys = [k for k in tasks[0] if k != "prompt"]
+    check_tasks(tasks, "tasks")
+    keys = sorted({k for t in tasks for k in t} - {"prompt"})
     return {k: [t[k] for t in tasks for _ in range(repeat)] for k in keys}
 
 
@@ -42,6 +64,7 @@ def evaluate_policy(
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Greedy completions of every task, scored by each of fns: ({name: mean score,
     completion_len: mean tokens}, {name: per-task scores, "completion": texts})."""
+    check_tasks(tasks, "evaluate_policy tasks")
     per_task: dict[str, list] = {name: [] for name in fns} | {"completion": []}
     lengths: list[int] = []
     for start in range(0, len(tasks), batch_size):

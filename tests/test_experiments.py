@@ -38,12 +38,44 @@ def test_overrides_parse_tuples():
         ("d_model=wide", "expected int"),
         ("remat=sometimes", "expected one of"),
         ("d_model", "key=value"),
-        ("moe.top_k=99", "top_k"),  # the config's own validation still runs
+        ("moe.top_k=99", r"--set moe\.top_k=99: MoEConfig\.top_k"),  # the config's own checks
     ],
 )
 def test_bad_overrides_name_the_problem(assignment, message):
     with pytest.raises(ValueError, match=message):
         overrides.apply(tiny_config(), [assignment])
+
+
+def test_type_errors_from_post_init_name_the_field(tmp_path, capsys):
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        limit: int | None = 1
+
+        def __post_init__(self):
+            if self.limit > 0:  # TypeError for None: a check that forgot the None case
+                pass
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()
+
+    with pytest.raises(
+        ValueError, match=r"--set inner\.limit=none: invalid value for Inner\.limit"
+    ):
+        overrides.apply(Outer(), ["inner.limit=none"])
+    path = tmp_path / "toy.py"
+    path.write_text(
+        "import dataclasses\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class C:\n    x: int | None = 1\n"
+        "    def __post_init__(self):\n        assert self.x < 5 or True\n"
+        "def get_config():\n    return C()\n"
+        "def run(config, run_dir):\n    return {}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(path), "--set", "x=none"])
+    assert exit_info.value.code == 2  # argparse's error exit, not a traceback
+    assert "error: --set x=none: invalid value for C.x" in capsys.readouterr().err
 
 
 def test_experiment_list_and_unknown_name(capsys):

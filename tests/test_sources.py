@@ -207,6 +207,17 @@ def test_bad_files_give_errors_naming_file_and_line(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), parquet)
     with pytest.raises(ValueError, match=r"t.parquet: no column 'text'.*body"):
         list(iter_file_documents(FilesSource(path=str(parquet), weight=1.0)))
+    garbage = tmp_path / "g.parquet"
+    garbage.write_bytes(b"not parquet at all")
+    with pytest.raises(ValueError, match=r"g\.parquet: not a readable parquet file"):
+        list(iter_file_documents(FilesSource(path=str(garbage), weight=1.0)))
+    damaged = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i} " * 50 for i in range(100)]}), damaged)
+    data = bytearray(damaged.read_bytes())
+    data[4:200] = b"\xff" * 196  # the first data page; the footer stays intact
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"d\.parquet: row group 0 is unreadable"):
+        list(iter_file_documents(FilesSource(path=str(damaged), weight=1.0)))
     numbers = tmp_path / "n.parquet"
     pq.write_table(pa.table({"text": [1, 2]}), numbers)
     with pytest.raises(ValueError, match=r"n.parquet: column 'text' holds int64, not strings"):

@@ -153,18 +153,24 @@ def _parse_jsonl(file: Path, lines: Iterator[tuple[int, str]], field: str) -> It
 
 
 def _iter_parquet(file: Path, column: str) -> Iterator[str]:
-    parquet = pq.ParquetFile(file)
-    names = parquet.schema_arrow.names
-    if column not in names:
-        raise ValueError(f"{file}: no column {column!r} (columns: {names})")
-    kind = parquet.schema_arrow.field(column).type
+    # pyarrow's own errors name a buffer, not the file: every one is re-raised with the path.
+    try:
+        parquet = pq.ParquetFile(file)
+        schema = parquet.schema_arrow
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{file}: not a readable parquet file ({err})") from None
+    if column not in schema.names:
+        raise ValueError(f"{file}: no column {column!r} (columns: {schema.names})")
+    kind = schema.field(column).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise ValueError(f"{file}: column {column!r} holds {kind}, not strings")
     # One row group at a time, so a large file never has to fit in memory at once.
     for group in range(parquet.num_row_groups):
-        for text in parquet.read_row_group(group, columns=[column]).column(0).to_pylist():
-            if text is not None:  # null rows carry no document
-                yield text
+        try:
+            texts = parquet.read_row_group(group, columns=[column]).column(0).to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{file}: row group {group} is unreadable ({err})") from None
+        yield from (text for text in texts if text is not None)  # null rows carry no document
 
 
 def iter_file_documents(source: FilesSource) -> Iterator[str]:
