@@ -6,15 +6,21 @@ import dataclasses
 import itertools
 import json
 
+import chex
 import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import model
+from tests.conftest import tiny_config
 from train import data, packing
 from train.data import DataConfig
 from train.sources import ArithmeticSource, StdlibSource
 from train.splits import Split
+from train.step import forward as step_forward
 from train.tokenizer import train_bpe
 
 SMALL = DataConfig(
@@ -68,8 +74,18 @@ def test_same_seed_same_batches_other_seed_differs(tok):
     assert not np.array_equal(a[0]["inputs"], other[0]["inputs"])
 
 
-def test_segments_and_positions_restart_exactly_at_document_starts(tok):
-    batches = _take(data.make_iterator(SMALL, tok, Split.TRAIN), 20)
+def test_unmasked_positions_run_along_the_row(tok):
+    # V3 packing: documents see each other, so RoPE positions are the row's, 0 .. L-1.
+    cfg = ARITHMETIC_ONLY  # short documents: every row holds several
+    for batch in _take(data.make_iterator(cfg, tok, Split.TRAIN), 3):
+        assert (np.diff(batch["segment_ids"], axis=1) == 1).sum(1).min() >= 1
+        rows = np.broadcast_to(np.arange(cfg.seq_len), batch["positions"].shape)
+        np.testing.assert_array_equal(batch["positions"], rows)
+
+
+def test_masked_segments_and_positions_restart_exactly_at_document_starts(tok):
+    cfg = dataclasses.replace(SMALL, mask_documents=True)
+    batches = _take(data.make_iterator(cfg, tok, Split.TRAIN), 20)
     starts = 0
     for batch in batches:
         seg, pos, inputs = batch["segment_ids"], batch["positions"], batch["inputs"]
@@ -106,10 +122,33 @@ def test_to_batch_on_hand_made_rows():
     np.testing.assert_array_equal(plain["inputs"], [[5, 6, 1, 7, 8, 1, 9]])
     np.testing.assert_array_equal(plain["targets"], [[6, 1, 7, 8, 1, 9, 9]])
     np.testing.assert_array_equal(plain["segment_ids"], [[1, 1, 1, 2, 2, 2, 0]])
-    np.testing.assert_array_equal(plain["positions"], [[3, 4, 5, 0, 1, 2, 0]])
+    np.testing.assert_array_equal(plain["positions"], [[0, 1, 2, 3, 4, 5, 6]])
+    np.testing.assert_array_equal(masked["positions"], [[3, 4, 5, 0, 1, 2, 0]])
     np.testing.assert_array_equal(plain["loss_mask"], [[1, 1, 1, 1, 1, 0, 0]])
     np.testing.assert_array_equal(masked["loss_mask"], [[1, 1, 0, 1, 1, 0, 0]])
     assert packing.packing_efficiency(plain) == pytest.approx(6 / 7)
+
+
+@pytest.mark.parametrize("mask_documents", [False, True])
+def test_a_packed_row_is_what_the_model_sees_unpacked(mask_documents):
+    # Unmasked, the row is one sequence (positions and attention agree: the forward equals
+    # the unpacked forward of the whole row); masked, each document is its own sequence.
+    cfg = tiny_config(mtp_depth=0)
+    variables = model.init(cfg, jax.random.key(0))
+    tokens = np.random.default_rng(0).integers(1, cfg.vocab_size, 13).astype(np.int32)
+    rows = {
+        "tokens": tokens[None],
+        "tokens_segment_ids": np.array([[1] * 5 + [2] * 8], np.int32),
+        "tokens_positions": np.array([list(range(5)) + list(range(8))], np.int32),
+    }
+    batch = packing.to_batch(rows, mask_documents=mask_documents)
+    logits = step_forward(cfg, variables, batch, mask_documents).logits
+    alone = lambda t: model.forward(cfg, variables, jnp.asarray(t)[None]).logits
+    if mask_documents:
+        chex.assert_trees_all_close(logits[:, :5], alone(tokens[:5]), atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(logits[:, 5:], alone(tokens[5:12]), atol=1e-5, rtol=1e-5)
+    else:
+        chex.assert_trees_all_close(logits, alone(tokens[:12]), atol=1e-5, rtol=1e-5)
 
 
 def test_packing_efficiency_on_the_default_corpus(tok):

@@ -3,15 +3,18 @@
 Rows are packed by grain's `ConcatThenSplitIterDataset`: documents are concatenated and cut
 every `seq_len + 1` tokens, so a long document continues in the next row and rows are full
 (padding appears only at the end of a finite split). V3 packs WITHOUT masking documents from
-each other; `mask_documents=True` gives the masks SFT-style sample masking needs.
+each other; `mask_documents=True` gives the masks SFT-style sample masking needs. RoPE positions
+follow the attention: continuous along the row when documents see each other, restarting at
+each document when they do not.
 
 Batch contract (numpy, B = batch size, L = seq_len):
     inputs       int32   [B, L]  row[:-1]; padding is pad_id (or 0 without one)
     targets      int32   [B, L]  row[1:]
     segment_ids  int32   [B, L]  0 = padding, documents numbered 1, 2, ... within each row
-    positions    int32   [B, L]  position within the document, 0 at each document start;
-                                 a document continued from the previous row restarts at 0
-                                 (it cannot see its beginning, which is in another row)
+    positions    int32   [B, L]  without mask_documents: 0, 1, ..., L-1 along the row;
+                                 with it: position within the document, 0 at each document
+                                 start (a document continued from the previous row restarts
+                                 at 0: it cannot see its beginning, which is in another row)
     loss_mask    float32 [B, L]  1 where the target is a real token; with mask_documents,
                                  also 0 where the target starts a new document
 """
@@ -47,11 +50,18 @@ def to_batch(
     if mask_documents:
         # The first token of a document is not predictable from another document's tokens.
         real_target_BxL &= target_segments_BxL == input_segments_BxL
+        positions_BxL = positions_BxR[:, :-1]
+    else:
+        # Positions follow attention, as in Megatron's packing (reset_position_ids off): tokens
+        # that attend across documents see the row as one sequence, so RoPE must see row
+        # distances; restarting per document would give two visible tokens one position.
+        L = input_segments_BxL.shape[1]
+        positions_BxL = np.broadcast_to(np.arange(L, dtype=np.int32), input_segments_BxL.shape)
     return {
         "inputs": np.ascontiguousarray(tokens_BxR[:, :-1]),
         "targets": np.ascontiguousarray(tokens_BxR[:, 1:]),
         "segment_ids": np.ascontiguousarray(input_segments_BxL),
-        "positions": np.ascontiguousarray(positions_BxR[:, :-1]),
+        "positions": np.ascontiguousarray(positions_BxL),
         "loss_mask": real_target_BxL.astype(np.float32),
     }
 
