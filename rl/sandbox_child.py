@@ -174,11 +174,11 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 _REFUSED = {"os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.forkpty", "pty.spawn",
             "subprocess.Popen", "os.kill", "os.killpg", "signal.pthread_kill", "gc.get_objects",
             "gc.get_referrers", "gc.get_referents", "cpython.PyInterpreterState_New",
-            # other threads' frames and hooks into them: the way to the harness thread's state
-            "sys._current_frames", "sys._current_exceptions", "sys.settrace", "sys.setprofile",
-            "sys._settraceallthreads", "sys._setprofileallthreads", "sys.addaudithook",
+            # other threads' frames, and hooks that run in them: the way to the harness's thread
+            "sys._current_frames", "sys._current_exceptions", "sys._settraceallthreads",
+            "sys._setprofileallthreads", "sys.addaudithook",
             "sys.monitoring.register_callback"}  # fmt: skip
-_REFUSED_IMPORTS = {"_ctypes", "_posixsubprocess", "_xxsubinterpreters"}
+_REFUSED_IMPORTS = {"_ctypes", "_posixsubprocess"}  # and CPython's _test* and _xx* modules
 # event -> (argument positions holding paths to keep inside, positions holding a dir_fd)
 _PATH_EVENTS = {"os.chmod": ((0,), (2,)), "os.chown": ((0,), (3,)), "os.link": ((0, 1), (2, 3)),
                 "os.mkdir": ((0,), (2,)), "os.remove": ((0,), (1,)), "os.rename": ((0, 1), (2, 3)),
@@ -239,7 +239,8 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
                 refuse(event, "with dir_fd")
         elif (event in _REFUSED or event.startswith(("socket.", "ctypes."))
               or (event == "os.fork" and not allow_fork)
-              or (event == "import" and args[0] in _REFUSED_IMPORTS)):  # fmt: skip
+              or (event == "import" and (args[0] in _REFUSED_IMPORTS
+                                         or args[0].startswith(("_test", "_xx"))))):  # fmt: skip
             refuse(event, args[0] if event == "import" else "")
 
     return hook
@@ -395,9 +396,10 @@ def _run_case(source: str, expression: str, vault: list, result_fd: int):
 
     The secret is in this thread's frames, which the program cannot reach: its own thread
     holds no frame or object of the harness, and what would reach into this thread is
-    refused by the audit hook (sys._current_frames, settrace and setprofile, new audit hooks,
-    unraisable hooks, gc, /proc/self/mem, reopening the result pipe) or impossible off the
-    main thread (signal handlers). Nor does any of the program's code run on this thread:
+    refused by the audit hook (sys._current_frames, tracing all threads, new audit hooks, a
+    custom unraisable hook, which would be handed the runner, gc, /proc/self/mem, reopening
+    the result pipe, _testcapi) or impossible off the main thread (signal handlers); the
+    config file is gone before the program starts. Nor does the program's code run here:
     after the program starts, this thread runs only the lines below on locals bound before
     (no global or builtin lookup), allocating nothing (so no garbage collection runs a
     finalizer here) and raising nothing until the secret has left `vault`, and no Python

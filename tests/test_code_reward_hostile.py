@@ -17,7 +17,7 @@ import pytest
 
 from rl.code_harness import decode, encode, equal
 from rl.code_reward import AssertCase, Check, make_code_execution, to_cases
-from rl.sandbox import Limits, run_python
+from rl.sandbox import Isolation, Limits, detect_isolation, run_python
 
 LIMITS = Limits(wall_s=3.0, cpu_s=2, memory_bytes=256 << 20, max_output_bytes=1 << 16)
 reward = make_code_execution(LIMITS, workers=4)
@@ -149,6 +149,12 @@ ASSERT_TRICKS = {
         if found:  # the expected value was sent along: answer it
             add = lambda a, b, _v=int(found[0]): _v
         """),
+    "the expected value read from the calling code's constants": """
+        import sys
+        def add(a, b):  # if the test's expected side were evaluated here, it would be in there
+            numbers = [c for c in sys._getframe(1).f_code.co_consts if type(c) is int]
+            return numbers[-1] if numbers else a - b
+        """,
     # a report channel the program can write to
     "fake success lines on stdout and stderr": wrong(f"""
         import sys
@@ -156,15 +162,23 @@ ASSERT_TRICKS = {
             print(line)
             print(line, file=sys.stderr)
         """),
-    "fake reports written to every fd, then os._exit(0)": wrong(f"""
+    "one forged report written to every fd, then os._exit(0)": wrong(f"""
         import os
         for fd in range(3, 1024):
-            for record in (b"5", b"ready exit 0", b"{FIVE}", b"0" * 64 + b"\\n{FIVE}"):
+            try:
+                os.write(fd, b"0" * 64 + b"\\n{FIVE}")  # the format, with a guessed secret
+            except OSError:
+                pass
+        os._exit(0)
+        """),
+    "junk and fake lines written to every fd": wrong(f"""
+        import os
+        for fd in range(3, 1024):
+            for record in (b"5", b"ready exit 0", b"{FIVE}", b"ok"):
                 try:
                     os.write(fd, record + b"\\n")
                 except OSError:
                     pass
-        os._exit(0)
         """),
     "many fake reports sprayed at every fd": wrong("""
         import marshal, os
@@ -205,6 +219,22 @@ ASSERT_TRICKS = {
                 time.sleep(0.0005)
         threading.Thread(target=steal).start()
         """),
+    "secret read from the config file the bootstrap was given": f"""
+        import json, os, sys
+        for path in [a for a in sys.orig_argv if a.endswith(".json")] + ["../config.json"]:
+            try:
+                secret = json.load(open(path))["secret"].encode()
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                continue
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, secret + b"\\n{FIVE}")
+                except OSError:
+                    pass
+            os._exit(0)
+        def add(a, b):
+            return a - b
+        """,
     "secret read from /proc/self/mem": wrong(f"""
         import os, re
         found = set()
@@ -229,6 +259,51 @@ ASSERT_TRICKS = {
                     pass
             os._exit(0)
         """),
+    "the secret taken from the harness thread's frames (sys._current_frames)": f"""
+        import os, sys
+        def add(a, b):
+            try:
+                frames = list(sys._current_frames().values())
+            except PermissionError:
+                frames = []
+            for frame in frames:
+                while frame is not None:
+                    for value in list(frame.f_locals.values()):
+                        if type(value) is list and value and type(value[0]) is bytes:
+                            for fd in range(3, 64):
+                                try:
+                                    os.write(fd, value[0] + b"\\n{FIVE}")
+                                except OSError:
+                                    pass
+                            os._exit(0)
+                    frame = frame.f_back
+            return a - b
+        """,
+    "the harness's queue reached from an unraisable hook": """
+        import marshal, sys
+        def steal(args):  # handed the object whose call raised: the harness's runner
+            todo, seen, kept = [args.object], set(), []
+            while todo and len(seen) < 10_000:
+                obj = todo.pop()
+                if id(obj) in seen:
+                    continue
+                seen.add(id(obj))
+                kept.append(obj)  # so that no id is reused while walking
+                if getattr(obj, "__name__", "") == "put" and hasattr(obj, "__self__"):
+                    obj(marshal.dumps(5, 2))  # a right answer, into the harness's own queue
+                    return
+                for name in ("func", "args", "__self__"):
+                    todo.append(getattr(obj, name, None))
+                if type(obj) in (tuple, list):
+                    todo.extend(obj)
+                try:
+                    todo.extend(obj.__reduce__())
+                except Exception:
+                    pass
+        sys.unraisablehook = steal
+        def add(a, b):
+            raise ValueError("off to the unraisable hook")
+        """,
     # the harness's thread, signals and hooks
     "signals: SIGINT, interrupt_main, an alarm handler, pthread_kill": wrong("""
         import _thread, os, signal
@@ -306,6 +381,61 @@ def trick_scores() -> dict[str, float]:
     tests = [[ASSERT]] * len(ASSERT_TRICKS) + [[IO]] * len(IO_TRICKS)
     scores = reward([""] * len(programs), [r1(p) for p in programs], tests=tests)
     return dict(zip(names, scores, strict=True))
+
+
+SECRET_TRICKS = [
+    "secret read from the config file the bootstrap was given",
+    "secret read by reopening the result pipe through /proc/self/fd",
+    "secret read from /proc/self/mem",
+    "the secret taken from the harness thread's frames (sys._current_frames)",
+    "the harness's queue reached from an unraisable hook",
+]
+HOOK_ONLY = Isolation(False, False, False, False, audit_hook=True)
+
+
+@pytest.mark.parametrize("name", SECRET_TRICKS)
+def test_secret_tricks_score_zero_with_the_audit_hook_alone(name):
+    """Under the dedicated uid the kernel keeps /proc/self/mem and /proc/self/fd shut as well;
+    with the hook alone (same uid as the parent) it is the hook that does."""
+    result = run_python(textwrap.dedent(ASSERT_TRICKS[name]), limits=LIMITS, isolation=HOOK_ONLY,
+                        evaluate="add(2, 3)")  # fmt: skip
+    assert result.value is None or not AssertCase(ASSERT).accepts(decode(result.value))
+
+
+@pytest.mark.parametrize("mode", ["full", "hook-only"])
+def test_the_result_pipe_and_memory_stay_shut(mode):
+    program = """
+        import os, stat
+        def add(a, b):
+            for fd in range(3, 64):
+                try:
+                    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        continue
+                except OSError:  # not open
+                    continue
+                try:
+                    open(f"/proc/self/fd/{fd}", "rb")
+                    print("OPENED the pipe at", fd)
+                except OSError as error:
+                    print("NO", type(error).__name__, error)
+            try:
+                import _testcapi  # CPython's test hooks into the interpreter
+                print("OPENED _testcapi")
+            except (ImportError, PermissionError) as error:
+                print("NO", type(error).__name__, error)
+            for path in ("/proc/self/mem", "/proc/thread-self/mem"):
+                try:
+                    open(path, "rb")
+                    print("OPENED", path)
+                except OSError as error:
+                    print("NO", type(error).__name__, error)
+            return a + b
+        """
+    isolation = detect_isolation() if mode == "full" else HOOK_ONLY
+    result = run_python(textwrap.dedent(program), limits=LIMITS, isolation=isolation,
+                        evaluate="add(2, 3)")  # fmt: skip
+    assert decode(result.value) == 5, result.stderr
+    assert "OPENED" not in result.stdout and result.stdout.count("NO") == 4, result.stdout
 
 
 def test_at_least_fifteen_distinct_tricks():
