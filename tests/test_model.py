@@ -115,6 +115,42 @@ def test_packed_segments_do_not_attend_across_documents(cfg, variables):
     assert np.abs(np.asarray(unmasked.logits[:, split:] - second.logits)).max() > 1e-3
 
 
+def test_mtp_concatenates_embedding_then_hidden():
+    # eh_proj's input is [enorm(emb(t_{i+1})); hnorm(h_i)] (DeepSeek's checkpoints; the
+    # paper writes the hidden state first). Cutting one half of eh_proj at a time, the MTP
+    # head must then ignore exactly the input that half carries.
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(mtp_depth=1)
+    variables = model.init(cfg, jax.random.key(0))
+    d = cfg.d_model
+    tokens = _tokens(cfg, shape=(1, T))
+
+    def mtp_logits(rows: slice, toks):
+        params = variables["params"]
+        mtp = params["mtp"]
+        kernel = mtp["eh_proj"]["kernel"].at[:, rows].set(0.0)
+        cut = {**params, "mtp": {**mtp, "eh_proj": {**mtp["eh_proj"], "kernel": kernel}}}
+        return np.asarray(forward(cfg, {**variables, "params": cut}, toks).mtp_logits[0])
+
+    hidden_only, embedding_only = slice(0, d), slice(d, 2 * d)  # the half that is cut
+    # Hidden half cut: only embeddings of t_1.. reach the head, so t_0 (which changes every
+    # hidden state) must not matter.
+    new_first = tokens.at[0, 0].set((tokens[0, 0] + 1) % cfg.vocab_size)
+    a, b = mtp_logits(embedding_only, tokens), mtp_logits(embedding_only, new_first)
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # Embedding half cut: only hidden states reach the head, so the last token (whose
+    # embedding position T-2 reads) must not matter before position T-1.
+    new_last = tokens.at[0, T - 1].set((tokens[0, T - 1] + 1) % cfg.vocab_size)
+    a, b = mtp_logits(hidden_only, tokens), mtp_logits(hidden_only, new_last)
+    np.testing.assert_allclose(a[:, : T - 1], b[:, : T - 1], atol=1e-6)
+    # Each half does carry its input: the checks above are not vacuous.
+    a, b = mtp_logits(hidden_only, tokens), mtp_logits(hidden_only, new_first)
+    assert np.abs(a - b).max() > 1e-3
+    a, b = mtp_logits(embedding_only, tokens), mtp_logits(embedding_only, new_last)
+    assert np.abs(a[:, T - 2] - b[:, T - 2]).max() > 1e-3
+
+
 def test_grouped_matmul_backends_agree_in_the_model(cfg, variables):
     tokens = _tokens(cfg)
     outs = []

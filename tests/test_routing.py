@@ -35,6 +35,18 @@ def test_group_limit_excludes_a_high_scoring_expert():
     assert sorted(unlimited[0].tolist()) == [0, 4, 7]
 
 
+def test_dropped_groups_are_minus_inf_not_zero():
+    # The biased scores of the kept group are negative: masking dropped groups with 0 (as HF
+    # once did) would let a dropped expert (0 > -0.2) take the second slot.
+    scores = jnp.array([[0.6, 0.1, 0.3, 0.2]])
+    bias = jnp.array([0.0, -0.3, -0.35, -0.35])  # biased: [0.6, -0.2 | -0.05, -0.15]
+    cfg = _cfg(num_experts=4, num_groups=2, top_groups=1, top_k=2)
+    experts, weights = route(scores, bias, cfg)
+    assert sorted(experts[0].tolist()) == [0, 1]  # both from the kept group g0 (0.4 > -0.2)
+    by_expert = dict(zip(experts[0].tolist(), np.asarray(weights[0]).tolist(), strict=True))
+    np.testing.assert_allclose([by_expert[0], by_expert[1]], [0.6 / 0.7 * 2.5, 0.1 / 0.7 * 2.5])
+
+
 def test_bias_changes_selection_but_not_weights():
     bias = jnp.zeros(8).at[1].set(0.85)  # expert 1 biased to 0.95, g0 becomes the top group
     experts, weights = route(SCORES, bias, _cfg())
