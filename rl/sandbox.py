@@ -51,21 +51,18 @@ import functools
 import hmac
 import json
 import os
-import pwd
 import secrets
 import selectors
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, replace
 
-from rl.sandbox_child import _kill_all_of
+from rl.sandbox_uids import UIDS, kill_survivors, readable_by_all
 
 _BOOTSTRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
 
@@ -154,7 +151,7 @@ def detect_isolation() -> Isolation:
     if done.returncode != 0:
         raise RuntimeError(f"sandbox probe failed: {done.stderr.decode(errors='replace')}")
     found = Isolation(**json.loads(done.stdout), audit_hook=True)
-    if found.dedicated_uid and not found.read_only_filesystem and not _readable_by_all():
+    if found.dedicated_uid and not found.read_only_filesystem and not readable_by_all():
         # The uid could not even start Python; the hook and the limits still hold.
         warnings.warn(
             f"sandbox: a dedicated uid cannot read the Python installation at "
@@ -196,91 +193,6 @@ def run_python(
 # ---- machinery --------------------------------------------------------------------------------
 
 
-class _UidPool:
-    """Hands each concurrent run a uid that no user and no process has (the parent is root)."""
-
-    def __init__(self):
-        self._lock, self._taken = threading.Lock(), set()
-
-    def claim(self) -> int:
-        start, count = max(((int(f[0]), int(f[2])) for f in _uid_map()), key=lambda r: r[1])
-        low, high = max(start, 1), min(start + count, 2**31 - 1)
-        if high - low > 1 << 25:  # far above login and system uids
-            low = max(low, 1 << 24)
-        with self._lock:
-            for _ in range(1000):
-                uid = low + int.from_bytes(os.urandom(4), "little") % (high - low)
-                if uid not in self._taken and not _exists(uid) and not _live_processes(uid):
-                    self._taken.add(uid)
-                    return uid
-        raise RuntimeError(f"no free uid in [{low}, {high})")
-
-    def release(self, uid: int) -> None:
-        with self._lock:
-            self._taken.discard(uid)
-
-
-_UIDS = _UidPool()
-
-
-def _uid_map() -> list[list[str]]:
-    with open("/proc/self/uid_map") as file:
-        return [line.split() for line in file]
-
-
-def _exists(uid: int) -> bool:
-    try:
-        pwd.getpwuid(uid)
-    except KeyError:
-        return False
-    return True
-
-
-def _readable_by_all(path: str = sys.base_prefix) -> bool:
-    """Whether any user can reach and list `path` (every ancestor searchable by others)."""
-    modes = [os.stat(path).st_mode & stat.S_IROTH]
-    while path != os.path.dirname(path):
-        modes.append(os.stat(path).st_mode & stat.S_IXOTH)
-        path = os.path.dirname(path)
-    return all(modes)
-
-
-def _live_processes(uid: int) -> list[int]:
-    """Pids of processes (zombies excepted) whose real, effective or saved uid is `uid`."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        state = uids = ""
-        try:
-            with open(f"/proc/{name}/status", errors="replace") as file:
-                for line in file:
-                    if line.startswith("State:"):
-                        state = line.split()[1]
-                    elif line.startswith("Uid:"):
-                        uids = line.split()[1:4]
-                        break
-        except OSError:
-            continue
-        if state != "Z" and str(uid) in uids:
-            pids.append(int(name))
-    return pids
-
-
-def _kill_survivors(uid: int) -> list[int]:
-    """Backstop after a run (the supervisor normally did it): kill what is left of `uid`;
-    returns the pids still alive."""
-    for _ in range(5):
-        if not (alive := _live_processes(uid)):
-            return []
-        _kill_all_of(uid)
-        for _ in range(50):  # SIGKILL is delivered asynchronously
-            if not (alive := _live_processes(uid)):
-                return []
-            time.sleep(0.002)
-    return alive
-
-
 class _Workspace:
     """Temporary base dir (root's, holds config and the Python mount point) with the work dir
     inside (the program's); a claimed uid; all removed or released on exit."""
@@ -297,9 +209,9 @@ class _Workspace:
             os.chmod(self.base, 0o711)
             os.mkdir(self.workdir, 0o700)
             if self.isolation.dedicated_uid:
-                self.uid = _UIDS.claim()
+                self.uid = UIDS.claim()
                 os.chown(self.workdir, self.uid, self.uid)
-                if self.isolation.read_only_filesystem and not _readable_by_all():
+                if self.isolation.read_only_filesystem and not readable_by_all():
                     self.python_mount = [sys.base_prefix, os.path.join(self.base, "python")]
                     os.mkdir(self.python_mount[1], 0o755)
         except BaseException:
@@ -308,7 +220,7 @@ class _Workspace:
         return self
 
     def __exit__(self, *exc) -> None:
-        survivors = _kill_survivors(self.uid) if self.uid is not None else []
+        survivors = kill_survivors(self.uid) if self.uid is not None else []
         if os.geteuid() != 0:  # the program may have left directories it cannot write
             for path, dirs, _ in os.walk(self.workdir):
                 for name in dirs:
@@ -317,7 +229,7 @@ class _Workspace:
                             os.chmod(os.path.join(path, name), 0o700)
         shutil.rmtree(self.base, ignore_errors=True)
         if self.uid is not None and not survivors:  # a uid with survivors is never reused
-            _UIDS.release(self.uid)
+            UIDS.release(self.uid)
 
     def env(self) -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
