@@ -12,32 +12,34 @@ Test cases, per sample a list of any mix of (a single string is one assert case)
     program exits 0 and its stdout equals the output after trailing whitespace is stripped
     from each line and trailing blank lines are dropped.
   - assert: one Python assert statement about the program (a message after a comma is
-    ignored), of one of these forms, where L is a literal (ast.literal_eval) of plain data:
-        assert E == L     or  L == E, E is None, E is True, E is False
+    ignored), of one of these forms, with L a literal (ast.literal_eval) of plain data:
+        assert E == L   (or L == E)        assert E is None / E is True / E is False
         assert math.isclose(E, L[, rel_tol=..][, abs_tol=..])   (or a bare isclose)
-        assert E          and  assert not E
-    Only E goes to the sandbox: the harness runs the program as __main__ (empty stdin), then
-    evaluates E in its namespace and reports the result as plain data (rl/code_harness.py);
-    L never leaves this process, which compares: `==` / `is` by rl.code_harness.equal
-    (floats within rel 1e-9, abs 1e-9 of each other; bool equals only bool; NaN nothing),
-    isclose as math.isclose with the test's tolerances (real numbers only), `assert E` by
-    the truthiness of the plain result. E is a value, never a verdict: it may not contain a
-    comparison, `and`/`or`/`not` or `x if c else y`, and where the expected value is a bool
-    (the last three forms, `== True`) E must call the program's own function (its callee is
-    not a builtin or a standard module), so no built-in check runs on objects the program
-    made. Any other assert is a malformed test case.
+        assert E                           assert not E
+    Only E goes to the sandbox, one run per case: the harness runs the program as __main__
+    (empty stdin; on a thread of its own, so signal.signal is not available), evaluates E in
+    its namespace and reports the value as plain data (rl/code_harness.py);
+    L never leaves this process, which judges the value: `==` and `is` by
+    rl.code_harness.equal (floats within rel 1e-9, abs 1e-9 of each other, bool equals only
+    bool, NaN nothing), isclose as math.isclose with the test's tolerances (real numbers
+    only), `assert E` / `assert not E` by the truthiness of the plain value. E computes a
+    value, never a verdict: it may not contain a comparison, and/or/not or `x if c else y`;
+    and where a bool decides (`assert E`, `not E`, `== True`, `is False`, ...) E must call a
+    function of the program's (its callee not a builtin or a standard module), so that no
+    built-in check runs on objects the program made. Any other assert is malformed.
 Score = the fraction of cases passed. A crash, timeout, memory or output blow-up, or anything
 the sandbox refuses fails that case; nothing the completion does raises. Malformed test cases
-(the data, not the model) raise ValueError.
+(the data, not the model) raise ValueError naming the case.
 
-Why a pass cannot be faked: the exit status alone never passes a case. An assert case passes
-only on the harness's report, authenticated with a per-run secret that the program cannot
-read (rl/sandbox_child.py `_run_case` says how it is kept), and a run that ends before the
-report (sys.exit, os._exit, a signal, closed descriptors, a crash) fails. More fundamentally,
-the sandbox never sees what a case expects (L, or the expected stdout), the comparison runs
-here on plain data (an object whose __eq__ always says yes is not plain data), and exactly
-one report per run counts, so a program that tampers with its own process in any way can at
-most choose the value it reports, which is what returning that value does anyway.
+Why a pass cannot be faked (tests/test_code_reward_hostile.py tries): an assert case passes
+only on the harness's report of E's value, never on the exit status; a run that ends before
+the report (sys.exit, os._exit, a signal, closed descriptors, a crash) fails. The report
+needs a per-run secret the program cannot read, and exactly one report counts (rl/sandbox.py;
+rl/sandbox_child.py `_run_case` says how the secret is kept out of reach). The value is
+serialised by C code bound before the program ran, so rebinding builtins, json or marshal
+changes nothing, and an object of the program's (an int whose __eq__ is always True) is not
+plain data. Above all, the sandbox never sees what a case expects (L, the expected stdout):
+what the program reports is compared here, so it can pass only by producing the answer.
 """
 
 from __future__ import annotations

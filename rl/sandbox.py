@@ -35,7 +35,8 @@ marshal bytes to a pipe of its own, after a per-run secret (`secrets.token_hex`,
 the config file, which the bootstrap deletes before the program starts). `Result.value` is
 that report only when the pipe held exactly `secret`, a newline and one line of hex; the
 exit status alone says nothing about it. rl/sandbox_child.py `_run_case` says why the
-program cannot read the secret, and rl/code_harness.py parses the report.
+program cannot read the secret (the audit hook is part of that, so `evaluate` refuses an
+Isolation without it), and rl/code_harness.py parses the report.
 
 Every run also gets a wall-clock limit, RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE, no core files,
 PR_SET_NO_NEW_PRIVS and a byte cap on stdout and on stderr. The program and everything it
@@ -180,6 +181,9 @@ def run_python(
         raise TypeError(f"code, stdin and evaluate must be str, got {code!r:.40}, "
                         f"{stdin!r:.40}, {evaluate!r:.40}")  # fmt: skip
     isolation = detect_isolation() if isolation is None else isolation
+    if evaluate is not None and not isolation.audit_hook:
+        raise ValueError("run_python(evaluate=...) needs Isolation.audit_hook: without it the "
+                         "program can reach the report's secret (sys._current_frames)")  # fmt: skip
     started = time.monotonic()
     try:
         with _Workspace(isolation) as space:

@@ -10,6 +10,7 @@ right ones the right fraction. tests/test_sandbox.py holds the isolation suite.
 
 from __future__ import annotations
 
+import dataclasses
 import marshal
 import textwrap
 
@@ -400,6 +401,12 @@ def test_secret_tricks_score_zero_with_the_audit_hook_alone(name):
     result = run_python(textwrap.dedent(ASSERT_TRICKS[name]), limits=LIMITS, isolation=HOOK_ONLY,
                         evaluate="add(2, 3)")  # fmt: skip
     assert result.value is None or not AssertCase(ASSERT).accepts(decode(result.value))
+
+
+def test_a_report_needs_the_audit_hook():
+    kernel_only = dataclasses.replace(detect_isolation(), audit_hook=False)
+    with pytest.raises(ValueError, match="audit_hook"):
+        run_python(WRONG, limits=LIMITS, isolation=kernel_only, evaluate="add(2, 3)")
 
 
 @pytest.mark.parametrize("mode", ["full", "hook-only"])
