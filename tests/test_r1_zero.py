@@ -9,6 +9,9 @@ import json
 import pytest
 
 from experiments import r1_zero
+from rl import tasks
+from train import arithmetic
+from train.splits import Split
 
 
 def _tiny(config: r1_zero.R1ZeroConfig) -> r1_zero.R1ZeroConfig:
@@ -29,8 +32,9 @@ def test_r1_zero_runs_end_to_end_and_resumes(tmp_path, capsys):
     summary = r1_zero.run(config, tmp_path)
     out = capsys.readouterr().out
     assert "accuracy before -> after" in out and len(out.strip().splitlines()) >= 3
+    # Greedy evaluation of one base on one task set: the seeds cannot disagree before RL.
+    assert summary["seed0_accuracy_before"] == summary["seed1_accuracy_before"]
     for seed in (0, 1):
-        assert 0.0 <= summary[f"seed{seed}_accuracy_after"] <= 1.0
         assert (tmp_path / f"seed{seed}" / "plots" / "rewards.png").is_file()
     for name in ("accuracy.png", "reward.png", "completion_length.png"):
         assert (tmp_path / "plots" / name).is_file()
@@ -40,6 +44,33 @@ def test_r1_zero_runs_end_to_end_and_resumes(tmp_path, capsys):
     again = r1_zero.run(config, tmp_path)
     assert again["seed0_accuracy_before"] == summary["seed0_accuracy_before"]
     assert again["seed1_accuracy_after"] == summary["seed1_accuracy_after"]
+
+
+@pytest.mark.parametrize(
+    ("style", "expected"),
+    [  # (accuracy, format, answer_correct) of each base-corpus answer style
+        (tasks.REASONED, (1.0, 1.0, 1.0)),
+        (tasks.ANSWER_ONLY, (0.0, 0.0, 1.0)),  # right number, no reasoning: no reward
+        (tasks.PLAIN, (0.0, 0.0, 1.0)),
+    ],
+)
+def test_the_experiment_scores_only_reasoned_right_answers(style, expected):
+    # The experiment's own scorers on its own held-out problems: a reward that paid for the
+    # bare answer, or for the number anywhere, would make "accuracy" measure the wrong thing.
+    config = r1_zero.get_config()
+    problems = arithmetic.generate(
+        Split.HELDOUT, 30, 0, max_digits=config.max_digits, operations=config.ops()
+    )
+    prompts = [tasks.arithmetic_prompt(p) for p in problems]
+    answer = [p.answer for p in problems]
+    right = [tasks.respond(p, style) for p in problems]
+    for name, want in zip(("accuracy", "format", "answer_correct"), expected, strict=True):
+        assert r1_zero.EVAL_FNS[name](prompts, right, answer=answer) == [want] * 30, name
+    # An answer off by one in the same format earns the format but never the accuracy.
+    wrong_answer = [dataclasses.replace(p, answer=p.answer + 1) for p in problems]
+    wrong = [tasks.respond(p, tasks.REASONED) for p in wrong_answer]
+    assert r1_zero.EVAL_FNS["accuracy"](prompts, wrong, answer=answer) == [0.0] * 30
+    assert r1_zero.EVAL_FNS["format"](prompts, wrong, answer=answer) == [1.0] * 30
 
 
 def test_r1_zero_config_errors():
