@@ -39,7 +39,7 @@ _CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = 0x1, 0x2
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 1, 38, 36
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS, _PR_SET_CHILD_SUBREAPER = 1, 4, 38, 36
 
 
 class _MountAttr(ctypes.Structure):
@@ -193,15 +193,25 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
     the (st_dev, st_ino) of a pipe the program may not reopen (through /proc/self/fd)."""
     root = os.path.realpath(workdir)
     other_process = re.compile(r"/proc/(\d+)(/|$)")
-    own_memory = re.compile(r"/proc/\d+(/task/\d+)?/mem$")
-    stat, default_unraisable = os.stat, sys.__unraisablehook__
+    # bound now: the checks that keep the secret must not run Python the program can patch
+    stat, kind, number, default_unraisable = os.stat, type, int, sys.__unraisablehook__
+    unstattable, proc = (OSError, ValueError, TypeError), os.stat("/proc").st_dev
 
-    def is_sealed(path: object) -> bool:
+    def guarded(path: object) -> str | None:
+        """Why `path` may not be opened at all in an evaluate run: the result pipe, memory
+        (the only mode-0600 files of a /proc/<pid>), a /proc directory (for a dir_fd into
+        one). By os.stat alone, no realpath or builtins, so that patching neither helps."""
         try:
             found = stat(path)
-        except (OSError, ValueError, TypeError):
-            return False
-        return (found.st_dev, found.st_ino) == sealed
+        except unstattable:
+            return None
+        if (found.st_dev, found.st_ino) == sealed:
+            return "of the result pipe"
+        if found.st_dev == proc and found.st_mode & 0o170777 == 0o100600:
+            return "of a process's memory"
+        if found.st_dev == proc and found.st_mode & 0o170000 == 0o040000:
+            return "of a /proc directory"
+        return None
 
     def refuse(event: str, detail: object = "") -> None:
         raise PermissionError(f"sandbox refused {event} {detail}".rstrip())
@@ -215,8 +225,8 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
             refuse(event, "other than the default")  # it would be handed the harness's objects
         if event == "open":
             path, mode, flags = args
-            if sealed is not None and not isinstance(path, int) and is_sealed(path):
-                refuse(event, "of the result pipe")
+            if sealed is not None and kind(path) is not number and (why := guarded(path)):
+                refuse(event, why)
             if isinstance(path, int) or (real := outside(path)) is None:
                 return
             writes = isinstance(flags, int) and flags & _WRITE_FLAGS
@@ -226,8 +236,6 @@ def _audit_hook(workdir: str, allow_fork: bool, sealed: tuple[int, int] | None =
                 refuse(event, f"of a directory outside the work directory: {real}")
             if (match := other_process.match(real)) and int(match[1]) != os.getpid():
                 refuse(event, f"of another process's /proc entry: {real}")
-            if own_memory.match(real):  # where the harness thread keeps the run's secret
-                refuse(event, f"of the process's memory: {real}")
         elif event in _PATH_EVENTS:
             paths, dir_fds = _PATH_EVENTS[event]
             for i in paths:
@@ -278,6 +286,8 @@ def _child_main(config_path: str) -> None:
         if os.getppid() != supervisor:
             os._exit(_SETUP_FAILED)
         libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        if cfg["evaluate"] is not None:  # /proc/self/mem and /proc/self/fd become root's
+            libc.prctl(_PR_SET_DUMPABLE, 0)
         _apply_limits(cfg["limits"], cfg["dedicated_uid"], cfg["evaluate"] is not None)
         if cfg["audit_hook"]:
             sealed = None

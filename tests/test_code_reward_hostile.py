@@ -28,6 +28,46 @@ IO = {"input": "2 3", "output": "5"}
 FIVE = marshal.dumps(5, 2).hex()  # what the harness would report for a right answer
 
 
+# find the secret in the process's memory, forge one report of 5 with it, exit before the harness
+MEM_THEFT = """
+import os, re
+{patch}
+def memory():
+    try:
+        return open("/proc/self/mem", "rb")
+    except OSError as error:
+        print("NO", error)
+    try:
+        return os.fdopen(os.open("mem", os.O_RDONLY, dir_fd=os.open("/proc/self", 0)), "rb")
+    except OSError as error:
+        print("NO", error)
+found, mem = set(), memory()
+for line in open("/proc/self/maps") if mem else ():
+    span, perms = line.split()[:2]
+    if perms.startswith("r") and "[v" not in line:
+        low, high = (int(x, 16) for x in span.split("-"))
+        try:
+            mem.seek(low)
+            found |= set(re.findall(rb"[0-9a-f]{{64}}", mem.read(high - low)))
+        except (OSError, OverflowError, ValueError):
+            pass
+for secret in sorted(found)[:1]:
+    for fd in range(3, 64):
+        try:
+            os.write(fd, secret + b"\\n{five}")
+        except OSError:
+            pass
+    os._exit(0)
+"""
+
+
+PATCHED_HOOK_CHECKS = """
+import builtins, posixpath
+builtins.isinstance = lambda *a: True  # what the audit hook's path checks call
+posixpath.realpath = lambda path, **k: os.getcwd() + "/inside"
+"""
+
+
 def wrong(code: str) -> str:
     """The wrong add, then `code`."""
     return WRONG + textwrap.dedent(code)
@@ -236,30 +276,10 @@ ASSERT_TRICKS = {
         def add(a, b):
             return a - b
         """,
-    "secret read from /proc/self/mem": wrong(f"""
-        import os, re
-        found = set()
-        try:
-            mem = open("/proc/self/mem", "rb")
-            for line in open("/proc/self/maps"):
-                span, perms = line.split()[:2]
-                if perms.startswith("r") and "[v" not in line:
-                    low, high = (int(x, 16) for x in span.split("-"))
-                    try:
-                        mem.seek(low)
-                        found |= set(re.findall(rb"[0-9a-f]{{64}}", mem.read(high - low)))
-                    except (OSError, OverflowError, ValueError):
-                        pass
-        except OSError as error:
-            print("NO", error)
-        for secret in sorted(found)[:1]:
-            for fd in range(3, 64):
-                try:
-                    os.write(fd, secret + b"\\n{FIVE}")
-                except OSError:
-                    pass
-            os._exit(0)
-        """),
+    "secret read from /proc/self/mem": wrong(MEM_THEFT.format(patch="", five=FIVE)),
+    "the hook's path checks patched, then /proc/self/mem or a dir_fd into /proc": wrong(
+        MEM_THEFT.format(five=FIVE, patch=PATCHED_HOOK_CHECKS)
+    ),
     "the secret taken from the harness thread's frames (sys._current_frames)": f"""
         import os, sys
         def add(a, b):
@@ -388,6 +408,7 @@ SECRET_TRICKS = [
     "secret read from the config file the bootstrap was given",
     "secret read by reopening the result pipe through /proc/self/fd",
     "secret read from /proc/self/mem",
+    "the hook's path checks patched, then /proc/self/mem or a dir_fd into /proc",
     "the secret taken from the harness thread's frames (sys._current_frames)",
     "the harness's queue reached from an unraisable hook",
 ]
