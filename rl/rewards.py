@@ -212,6 +212,11 @@ class Weighted:
                 )
             self.terms[name] = fn, weight
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """{name: weight}: what a run's config records of its reward."""
+        return {name: weight for name, (_, weight) in self.terms.items()}
+
     def __call__(self, prompts, completions, **columns):
         per_fn = {
             name: _checked(name, fn(prompts, completions, **columns), len(completions))
