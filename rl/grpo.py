@@ -191,9 +191,9 @@ def _initial_state(
 ) -> TrainState:
     """The initial policy's train state, created in its shardings."""
     # Copies: the update donates the state's buffers, and the caller keeps its variables.
+    where = {"params": shardings.params, "router_bias": shardings.router_bias}
     variables = jax.device_put(
-        jax.tree.map(jnp.copy, variables),
-        {"params": shardings.params, "router_bias": shardings.router_bias},
+        jax.tree.map(jnp.copy, dict(variables)), {k: where[k] for k in variables}
     )
 
     def build(variables):
@@ -215,7 +215,8 @@ def _digest(data: Any) -> str:
 
 
 def _names(fns: Mapping) -> dict[str, Any]:
-    return {getattr(fn, "__name__", repr(fn)): w for fn, w in fns.items()}
+    # Weighted.weights is {name: weight}; a plain mapping is {function: weight}.
+    return {k if isinstance(k, str) else getattr(k, "__name__", repr(k)): w for k, w in fns.items()}
 
 
 def run_config(
