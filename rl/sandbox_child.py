@@ -382,21 +382,18 @@ def _main_module(source: str) -> dict:
     return main.__dict__
 
 
-def _case_thread(program, case, namespace: dict, put):
-    """The program's thread: runs `program`, evaluates `case` and `put`s, in order, the
-    thread's sentinel lock (released when the thread ends) and the marshal bytes of the
-    case's value. Built of C callables only (partial, map, islice, chain, marshal.dumps,
-    SimpleQueue.put), so no Python frame of the harness is on the program's stack (its
-    frames' f_back ends at its own module) and no object of the harness is in its reach."""
+def _case_thread(program, case, namespace: dict, put, with_sentinel: bool):
+    """The program's thread: runs `program`, evaluates `case` and `put`s the marshal bytes of
+    the case's value, after (`with_sentinel`, Python < 3.13) the thread's sentinel lock,
+    released when the thread ends. Built of C callables only (partial, map, islice, chain,
+    marshal.dumps, SimpleQueue.put), so no Python frame of the harness is on the program's
+    stack (its frames' f_back ends at its own module) and no object of the harness in reach."""
     values = itertools.islice(map(eval, (program, case), (namespace, namespace)), 1, None)
-    # the sentinel comes unlocked (threading.Thread acquires its own): lock it on this thread
-    sentinel, handed_over = itertools.tee(itertools.starmap(_thread._set_sentinel, [()]))
-    steps = itertools.chain(
-        map(operator.methodcaller("acquire"), sentinel),
-        map(put, handed_over),
-        map(put, map(marshal.dumps, values, itertools.repeat(_REPORT_VERSION))),
-    )
-    return functools.partial(collections.deque(maxlen=0).extend, steps)
+    steps = [map(put, map(marshal.dumps, values, itertools.repeat(_REPORT_VERSION)))]
+    if with_sentinel:  # it comes unlocked (threading.Thread locks its own): lock it here
+        sentinel, handed_over = itertools.tee(itertools.starmap(_thread._set_sentinel, [()]))
+        steps[:0] = [map(operator.methodcaller("acquire"), sentinel), map(put, handed_over)]
+    return functools.partial(collections.deque(maxlen=0).extend, itertools.chain(*steps))
 
 
 def _run_case(source: str, expression: str, vault: list, result_fd: int):
@@ -428,15 +425,17 @@ def _run_case(source: str, expression: str, vault: list, result_fd: int):
     # threading makes whichever thread first imports it its main thread and takes that
     # thread's sentinel: let that be this one, not the program's
     threading.main_thread()
-    queue = _queue.SimpleQueue()
-    runner = _case_thread(program, case, namespace, queue.put)
+    queue, joinable = _queue.SimpleQueue(), hasattr(_thread, "start_joinable_thread")
+    runner = _case_thread(program, case, namespace, queue.put, with_sentinel=not joinable)
     write, exit_, out, err = os.write, os._exit, sys.stdout, sys.stderr
-    try:
-        _thread.start_new_thread(runner, ())
+    try:  # the program runs from about now
+        if joinable:  # Python >= 3.13, which has no _set_sentinel
+            _thread.start_joinable_thread(runner).join()
+        else:
+            _thread.start_new_thread(runner, ())
+            queue.get().acquire()  # the sentinel: until the program's thread has ended
     except RuntimeError as error:  # no thread to be had (memory, RLIMIT_NPROC)
         _setup_failed(error)
-    sentinel = queue.get()  # the program runs from about now
-    sentinel.acquire()  # until its thread has ended
     status = 1
     try:
         if not queue.empty():
