@@ -213,14 +213,9 @@ class Weighted:
             self.terms[name] = fn, weight
 
     @property
-    def names(self) -> dict[str, float]:
-        """{name: weight}: what a run's config records of its reward."""
+    def weights(self) -> dict[str, float]:
+        """{name: weight}: what a run's config records of its reward (rl/grpo.py)."""
         return {name: weight for name, (_, weight) in self.terms.items()}
-
-    @property
-    def weights(self) -> dict[RewardFn, float]:
-        """{fn: weight}, the form Weighted was first built from (named by `names`)."""
-        return {fn: weight for fn, weight in self.terms.values()}
 
     def __call__(self, prompts, completions, **columns):
         per_fn = {

@@ -183,8 +183,7 @@ def test_weighted_explicit_names_keep_instances_apart():
     totals, per_fn = reward(["", ""], [GOOD, "bad"])
     assert per_fn == {"one": [1.0, 1.0], "two": [2.0, 2.0], "format_reward": [1.0, 0.0]}
     assert totals == [121.0, 21.0]
-    assert reward.names == {"one": 1.0, "two": 10.0, "format_reward": 100.0}
-    assert reward.weights == {one: 1.0, two: 10.0, format_reward: 100.0}
+    assert reward.weights == {"one": 1.0, "two": 10.0, "format_reward": 100.0}
 
 
 @pytest.mark.parametrize(
