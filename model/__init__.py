@@ -13,6 +13,7 @@ from model.api import (
 )
 from model.cache import KVCache, cache_bytes_per_token, mha_cache_bytes_per_token
 from model.config import (
+    EPExchange,
     FP8Config,
     GroupedMatmul,
     MLAConfig,
@@ -26,6 +27,7 @@ from model.sampling import Sampling
 from model.speculative import SpeculativeStats, generate_speculative
 
 __all__ = [
+    "EPExchange",
     "FP8Config",
     "FinishReason",
     "Generation",

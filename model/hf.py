@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from model.config import ModelConfig
 from model.hf_config import config_from_hf, config_to_hf, declared_mtp_depth, fp8_block_size
-from model.hf_layout import _Layout, _layout, _Leaf, _mtp_duplicates, _Slot
+from model.hf_layout import _CheckpointMap, _layout, _Leaf, _mtp_duplicates, _Slot
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -188,7 +188,7 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mode
 
 
 def _plan(
-    path: Path, reader: _Reader, cfg: ModelConfig, layout: _Layout, block: tuple[int, int]
+    path: Path, reader: _Reader, cfg: ModelConfig, layout: _CheckpointMap, block: tuple[int, int]
 ) -> dict[str, _Slot]:
     """Checkpoint name -> slot for every tensor to read; raises on unexpected/missing/bad shape."""
     fused = _layout(cfg, fused=True).slots

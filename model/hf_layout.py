@@ -193,6 +193,3 @@ def _mtp_duplicates(cfg: ModelConfig) -> dict[str, str]:
         out[pre + "shared_head.head.weight"] = "lm_head.weight"
     return out
 
-
-# The old name, until model/hf.py imports _CheckpointMap (its owner changes that import).
-_Layout = _CheckpointMap
