@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,10 +83,7 @@ def test_absorbed_equals_expanded(cfg, variables):
     chunk = jnp.concatenate([_column(seqs, k) for k in range(3)], axis=1)
     absorbed, h_abs, c_abs = extend(cfg, variables, chunk, cache)
     expanded, h_exp, c_exp = extend(cfg, variables, chunk, cache, absorbed=False)
-    np.testing.assert_allclose(absorbed, expanded, atol=1e-5)
-    np.testing.assert_allclose(h_abs, h_exp, atol=1e-5)
-    for a, e in zip(jax.tree.leaves(c_abs), jax.tree.leaves(c_exp), strict=True):
-        np.testing.assert_allclose(a, e, atol=1e-5)
+    chex.assert_trees_all_close((absorbed, h_abs, c_abs), (expanded, h_exp, c_exp), atol=1e-5)
 
 
 def test_rewound_slots_are_ignored_and_overwritten(cfg, variables):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,9 +27,10 @@ def variables(cfg):
 
 def test_shapes_and_aux(cfg, variables):
     out = forward(cfg, variables, _tokens(cfg))
-    assert out.logits.shape == (B, T, cfg.vocab_size) and out.logits.dtype == jnp.float32
+    chex.assert_shape(out.logits, (B, T, cfg.vocab_size))
+    chex.assert_type(out.logits, jnp.float32)
     assert len(out.mtp_logits) == cfg.mtp_depth
-    assert all(m.shape == out.logits.shape for m in out.mtp_logits)
+    chex.assert_equal_shape([out.logits, *out.mtp_logits])
     counts = np.asarray(out.aux.expert_counts)
     assert counts.shape == (cfg.num_moe_layers, cfg.moe.num_experts)
     np.testing.assert_array_equal(counts.sum(-1), B * T * cfg.moe.top_k)
@@ -85,17 +87,16 @@ def test_remat_equals_no_remat(cfg, variables):
     for policy in (RematPolicy.FULL, RematPolicy.DOTS):
         rvalue, rgrads = value_and_grads(variables["params"], cfg.replace(remat=policy))
         np.testing.assert_allclose(rvalue, value, rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(rgrads), jax.tree.leaves(grads), strict=True):
-            np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+        chex.assert_trees_all_close(rgrads, grads, atol=1e-6, rtol=1e-5)
 
 
 def test_jit_equals_no_jit(cfg, variables):
     tokens = _tokens(cfg)
     eager = model.forward(cfg, variables, tokens)
     jitted = jax.jit(model.forward, static_argnums=0)(cfg, variables, tokens)
-    np.testing.assert_allclose(jitted.logits, eager.logits, atol=1e-5, rtol=1e-5)
-    for a, b in zip(jitted.mtp_logits, eager.mtp_logits, strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    chex.assert_trees_all_close(
+        (jitted.logits, jitted.mtp_logits), (eager.logits, eager.mtp_logits), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_packed_segments_do_not_attend_across_documents(cfg, variables):
