@@ -21,6 +21,8 @@ from types import ModuleType
 
 import experiments
 from experiments import overrides
+from train.checkpoint import IncompatibleCheckpointError
+from train.run_dir import ConfigMismatchError
 
 _NOT_EXPERIMENTS = {"overrides", "bench", "common"}
 
@@ -114,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         target = run_dir / name if name else run_dir
         print(f"== {args.name} {name} -> {target}\n{cfg}", flush=True)
         start = time.perf_counter()
-        summary = dict(module.run(cfg, target) or {})
+        try:
+            summary = dict(module.run(cfg, target) or {})
+        except (ConfigMismatchError, IncompatibleCheckpointError) as err:
+            # The run dir is left as it was: say why and how to proceed, no traceback.
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         summaries[name or args.name] = summary
     print("\n" + _table(summaries))

@@ -42,7 +42,7 @@ import numpy as np
 
 from model import ModelConfig
 from model.sampling import Sampling
-from rl.evaluate import evaluate_policy
+from rl.evaluate import check_tasks, evaluate_policy
 from rl.grpo_loss import GRPOLossConfig
 from rl.grpo_step import GRPOStep
 from rl.rewards import RewardFn, Weighted
@@ -69,6 +69,7 @@ SAFE_FIELDS = (
     "grpo.progress",
     "grpo.plots",
     "grpo.parallel",
+    "model.moe.ep_exchange",  # every exchange gives the same values
     "grpo.allow_config_change",
     "eval_tasks",
     "eval_fns",
@@ -266,6 +267,9 @@ def train_grpo(
     `parallel` (default: make_parallel(config.parallel)) is the mesh the run uses."""
     if not train_tasks:
         raise ValueError("train_grpo: no training tasks")
+    check_tasks(train_tasks, "train_tasks")
+    if eval_tasks:
+        check_tasks(eval_tasks, "eval_tasks")
     eval_fns = dict(eval_fns or {})
     reward = reward if isinstance(reward, Weighted) else Weighted(reward)
     loop = TrainLoop(

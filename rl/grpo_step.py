@@ -29,7 +29,7 @@ from rl.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from rl.rewards import Weighted
 from rl.rollout import Rollout, rollout, token_logprobs
 from sharding.mesh import Parallel
-from train.optimizer import OptimizerConfig, make_optimizer
+from train.optimizer import OptimizerConfig, make_optimizer, update_count
 from train.sharded_state import state_shardings
 from train.state import TrainState
 from train.tokenizer import Tokenizer
@@ -208,6 +208,10 @@ class GRPOStep:
             ref = {"params": ref_params, "router_bias": state.router_bias}
             batch["ref_logp"] = logprobs(ref, batch["tokens"])[0]
         update = jitted_update(self.cfg, self.loss, self.optimizer, T, self.mu == 1, self.parallel)
+        # The LR the first update applies: the optimizer's own count, which a dropped
+        # (non-finite) update does not advance, unlike the step number.
+        applied = update_count(state.opt_state)
+        applied = (step - 1) * self.mu if applied is None else int(applied)
         updates = []
         for _ in range(self.mu):
             state, metrics = update(state, batch)
@@ -220,7 +224,7 @@ class GRPOStep:
         record |= {
             # Before the first update the policy is the sampler: their log-probs must agree.
             "sampler_logp_gap": float(updates[0]["sampler_logp_gap"]),
-            "learning_rate": float(self.optimizer.schedule((step - 1) * self.mu)),
+            "learning_rate": float(self.optimizer.schedule(applied)),
             "rollout_tokens_per_s": float(ro.completion_lengths.sum() / rollout_s),
             "train_tokens_per_s": float(ro.tokens.size * self.mu / train_s),
             "skipped": int(state.skipped),

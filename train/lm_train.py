@@ -24,11 +24,12 @@ from train.optimizer import OptimizerConfig, make_optimizer
 from train.run_dir import to_json
 from train.sharded_state import init_state_sharded
 from train.state import TrainState
-from train.step import LossConfig, NonFinite, make_eval_step, make_train_step
+from train.step import LossConfig, NonFinite, make_eval_step, make_train_step, schedule_step
 
 # Fields of a language-model run's config that may change on resume: the loop's cadence and
 # length, and the mesh (checkpoints restore into any sharding).
-SAFE_FIELDS = ("loop", "parallel")
+# The exchange is how token copies travel under EP; every choice gives the same values.
+SAFE_FIELDS = ("loop", "parallel", "model.moe.ep_exchange")
 OVERRIDE = "loop.allow_config_change=true (--set loop.allow_config_change=true)"
 
 
@@ -127,7 +128,7 @@ def train(
     def run_eval(state: TrainState, step: int) -> dict:
         if eval_batches is None or loop_cfg.eval_batches == 0:
             return {}
-        mtp_weight = float(loss_cfg.mtp_weight_at(np.int32(step)))
+        mtp_weight = float(loss_cfg.mtp_weight_at(schedule_step(state)))
         return evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
 
     def check(step: int, host: dict) -> dict:
