@@ -223,7 +223,10 @@ def test_throughput_counts_each_steps_device_time(tmp_path):
     def slow(state, x):
         wait = jax.ShapeDtypeStruct((), jnp.float32)
         y = jax.pure_callback(lambda v: (time.sleep(0.2), v)[1], wait, x)
-        return state.replace(step=state.step + 1), {"tokens": 100.0 + 0.0 * y}
+        # The next step's input depends on the callback, so steps cannot overlap on the device.
+        return state.replace(step=state.step + 1 + (0.0 * y).astype(jnp.int32)), {
+            "tokens": 100.0 + 0.0 * y
+        }
 
     state = init_state(CFG, make_optimizer(OPT), jax.random.key(0))
     loop_cfg = LoopConfig(steps=4, eval_every=100, checkpoint_every=2, progress=False, plots=False)

@@ -129,8 +129,10 @@ class _Clock:
         self.tokens = 0.0
         self.seconds = 0.0
 
-    def lap(self, host: dict) -> dict:
-        now = time.perf_counter()
+    def lap(self, host: dict, done_by: float | None = None) -> dict:
+        """Close the interval of the step whose metrics are `host`; `done_by`: a time by
+        which it is known to have completed (default: now, after fetching its metrics)."""
+        now = time.perf_counter() if done_by is None else done_by
         if self.anchor is not None and self.throughput is not None and "tokens" in host:
             seconds = now - self.anchor
             self.tokens += float(host["tokens"])
@@ -242,10 +244,10 @@ class TrainLoop:
                     last_eval = metrics
                     writer.write(step, metrics, prefix="eval/")
 
-        def flush(pending, writer, bar):
+        def flush(pending, writer, bar, done_by=None):
             nonlocal last_train
             step, metrics = pending
-            host = clock.lap(host_scalars(metrics))
+            host = clock.lap(host_scalars(metrics), done_by)
             if check is not None:
                 host = check(step, host)
             writer.write(step, host)
@@ -263,9 +265,14 @@ class TrainLoop:
                 if evaluate_first and start == 0:
                     run_eval(state, 0, writer)
                 for step in range(start + 1, cfg.steps + 1):
+                    # A step whose outputs are ready before the next dispatch (a backend that
+                    # runs synchronously, a host-side step) ended by then: its interval ends
+                    # there, not when the host gets round to fetching it.
+                    dispatched = time.perf_counter()
+                    done = pending is not None and _ready(pending[1])
                     state, metrics = step_fn(state, step)
                     if pending is not None:
-                        flush(pending, writer, bar)
+                        flush(pending, writer, bar, dispatched if done else None)
                     pending = (step, metrics)
                     if bar is not None:
                         bar.update(1)
@@ -312,6 +319,11 @@ class TrainLoop:
         if not self._written:
             write_config(self.run_dir, self.config, self.changes)
             self._written = True
+
+
+def _ready(metrics: Mapping[str, Any]) -> bool:
+    """Whether every device array of a step's metrics has been computed (host values are)."""
+    return all(x.is_ready() for x in jax.tree.leaves(dict(metrics)) if isinstance(x, jax.Array))
 
 
 def _saveable(data: Any | None) -> Any | None:
