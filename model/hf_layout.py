@@ -192,4 +192,3 @@ def _mtp_duplicates(cfg: ModelConfig) -> dict[str, str]:
         out[pre + "embed_tokens.weight"] = "model.embed_tokens.weight"
         out[pre + "shared_head.head.weight"] = "lm_head.weight"
     return out
-
