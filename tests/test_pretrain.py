@@ -13,7 +13,6 @@ from tests.conftest import tiny_config
 from train.data import DataConfig
 from train.pretrain import PretrainConfig, evaluate_run
 from train.run import load_run
-from train.run_dir import ConfigMismatchError
 
 _DEFAULT = pretrain_tiny.get_config()
 
@@ -64,8 +63,11 @@ def test_pretrain_writes_the_documented_run_dir(tmp_path, monkeypatch, capsys):
 
     # A rerun with another model is refused before it writes anything.
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(ConfigMismatchError, match=r"model\.d_model: 32 -> 64"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # the CLI's error: no traceback, exit 2
         main(["pretrain-tiny", "--run-dir", str(tmp_path), "--set", "model.d_model=64"])
+    assert exited.value.code == 2
+    assert "model.d_model: 32 -> 64" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
