@@ -17,8 +17,9 @@ from train.run import load_run
 _DEFAULT = pretrain_tiny.get_config()
 
 
-def _tiny_pretrain(steps: int = 4) -> PretrainConfig:
-    config = pretrain_tiny.with_steps(_DEFAULT, steps)
+def _tiny_pretrain(steps: int = 4, base: PretrainConfig = _DEFAULT) -> PretrainConfig:
+    """`base` (default: pretrain-tiny's config) shrunk to a tiny model, data and loop."""
+    config = pretrain_tiny.with_steps(base, steps)
     return dataclasses.replace(
         config,
         model=tiny_config(max_seq_len=256),

@@ -16,9 +16,7 @@ import numpy as np
 import pytest
 
 import model
-from experiments import pretrain_tiny
-from tests.conftest import tiny_config
-from train.data import DataConfig
+from tests.test_pretrain import _tiny_pretrain as tiny_pretrain
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
@@ -102,17 +100,7 @@ def test_readme_generation_block_runs(tmp_path, monkeypatch):
 
 
 def _tiny_pretrain(config):
-    config = pretrain_tiny.with_steps(config, 2)
-    return dataclasses.replace(
-        config,
-        model=tiny_config(max_seq_len=256),
-        data=DataConfig(seq_len=32, batch_size=2),
-        loop=dataclasses.replace(
-            config.loop, eval_every=2, eval_batches=1, checkpoint_every=2, progress=False
-        ),
-        vocab_size=400,
-        tokenizer_sample_bytes=100_000,
-    )
+    return tiny_pretrain(steps=2, base=config)
 
 
 def _tiny_grpo(**fields):
