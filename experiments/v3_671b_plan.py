@@ -206,6 +206,7 @@ def plan_layout(config: PlanConfig, layout: MeshLayout) -> dict:
     opt_cfg = OptimizerConfig(moments_dtype=config.moments_dtype)
     optimizer = make_optimizer(opt_cfg)
     parallel = make_parallel(layout.parallel_config(), jax.devices()[: layout.devices])
+    cfg = parallel.configure(cfg)
     row = {"devices": layout.devices, "layout": layout.name, "rules": layout.rules.value}
 
     shardings = state_shardings(cfg, optimizer, parallel)

@@ -12,6 +12,7 @@ import numpy as np
 from flax import struct
 
 from model.config import ModelConfig
+from model.layers import axis_rules
 from model.transformer import Aux, Transformer
 
 
@@ -34,13 +35,16 @@ def _dummy_tokens() -> jax.Array:
 def init_boxed(cfg: ModelConfig, rng: jax.Array) -> dict:
     """Variables with their nn.LogicallyPartitioned boxes (for sharding/)."""
     tokens = _dummy_tokens()
-    variables = Transformer(cfg).init(rng, tokens, jnp.zeros_like(tokens), None)
+    with axis_rules(cfg):
+        variables = Transformer(cfg).init(rng, tokens, jnp.zeros_like(tokens), None)
     return {k: v for k, v in variables.items() if k != "perturbations"}
 
 
 def init(cfg: ModelConfig, rng: jax.Array) -> dict:
     """Fresh variables {'params': ..., 'router_bias': ...} as plain arrays."""
-    return nn.unbox(jax.jit(init_boxed, static_argnums=0)(cfg, rng))
+    boxed = jax.jit(init_boxed, static_argnums=0)(cfg, rng)
+    with axis_rules(cfg):
+        return nn.unbox(boxed)
 
 
 def logical_axes(cfg: ModelConfig) -> dict:
@@ -109,9 +113,10 @@ def forward(
     check_inputs(cfg, tokens, positions)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-    logits, mtp_logits, hidden, aux = Transformer(cfg).apply(
-        variables, tokens, positions, segment_ids
-    )
+    with axis_rules(cfg):
+        logits, mtp_logits, hidden, aux = Transformer(cfg).apply(
+            variables, tokens, positions, segment_ids
+        )
     return Output(logits=logits, mtp_logits=mtp_logits, hidden=hidden, aux=aux)
 
 

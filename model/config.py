@@ -228,6 +228,27 @@ class FP8Config:
                 raise ValueError(f"FP8Config.{name} must be a bool, got {getattr(self, name)!r}")
 
 
+def rules_table(rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """rules as hashable (name, mesh axes) pairs (JSON gives lists; None and a bare str are
+    accepted for the axes, as flax's tables write them)."""
+    bad = ValueError(
+        "ModelConfig.logical_rules must be (logical name, mesh axes) pairs, e.g. "
+        f"(('embed', ('fsdp',)),), got {rules!r}"
+    )
+    if isinstance(rules, str | bytes) or not isinstance(rules, tuple | list):
+        raise bad
+    table = []
+    for entry in rules:
+        if not isinstance(entry, tuple | list) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise bad
+        axes = entry[1]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        if not isinstance(axes, tuple | list) or not all(isinstance(a, str) for a in axes):
+            raise bad
+        table.append((entry[0], tuple(axes)))
+    return tuple(table)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A DeepSeek-V3-style decoder: dense first layers, MoE layers, optional MTP modules."""
@@ -247,8 +268,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: RematPolicy = RematPolicy.NONE
     fp8: FP8Config | None = None  # None: every matmul in `dtype`
+    # (logical axis name, mesh axes) pairs the model lays its activations out by and that
+    # decide whether the routed experts are split (model/expert_parallel.py). A static field,
+    # so jit keys on it; the model never reads flax's ambient nn.logical_axis_rules. Trainers
+    # set it from the mesh (sharding's Parallel.configure). Empty: no constraints.
+    logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "logical_rules", rules_table(self.logical_rules))
         _positive(self, "vocab_size", "d_model", "num_layers", "dense_dim", "max_seq_len")
         _non_negative(self, "num_dense_layers", "mtp_depth")
         _positive_float(self, "norm_eps", "init_std")

@@ -1,6 +1,8 @@
 """Prefill and cached decode of the main model and of the first MTP module.
 
-All functions are pure and jit-friendly (cfg static). Prompts are left-padded: row b of a
+All functions are pure and jit-friendly (cfg static). Called outside a jit, token ids outside
+[0, vocab_size) and a cache longer than max_seq_len raise a ValueError (`model.check_inputs`;
+under a jit only shapes are checked). Prompts are left-padded: row b of a
 [B, P] prompt holds its tokens in the last prompt_lengths[b] columns.
 
     logits, hidden, cache = prefill(cfg, variables, prompts, lengths, max_len)
@@ -12,8 +14,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.api import check_inputs
 from model.cache import KVCache, LayerKV, Mode, from_prefill
 from model.config import ModelConfig
+from model.layers import axis_rules
 from model.transformer import MTPModule, Transformer
 
 MTP = "mtp"
@@ -41,10 +45,14 @@ def prefill(
     """Runs left-padded prompts; returns logits [B, P, V], hidden [B, P, D] and a cache of
     max_len slots holding the prompts. The prompt is computed like training (per-head K/V from
     fresh latents, the cheaper form for many tokens); only the latents are cached."""
+    check_inputs(cfg, prompts_BxP)
+    if max_len > cfg.max_seq_len:
+        raise ValueError(f"max_len {max_len} exceeds ModelConfig.max_seq_len {cfg.max_seq_len}")
     positions, segment_ids = _prompt_layout(prompts_BxP.shape[1], prompt_lengths_B)
-    logits, hidden, kv = Transformer(cfg, Mode.PREFILL).apply(
-        variables, prompts_BxP, positions, segment_ids, None, None, method="decode"
-    )
+    with axis_rules(cfg):
+        logits, hidden, kv = Transformer(cfg, Mode.PREFILL).apply(
+            variables, prompts_BxP, positions, segment_ids, None, None, method="decode"
+        )
     return logits, hidden, from_prefill(kv, prompt_lengths_B, max_len)
 
 
@@ -55,16 +63,18 @@ def extend(
 
     absorbed=False rebuilds per-head K/V from the cache instead (the reference path).
     """
+    check_inputs(cfg, tokens_BxT, cache.positions(tokens_BxT.shape[1]))
     T = tokens_BxT.shape[1]
-    logits, hidden, kv = Transformer(cfg, _decode_mode(absorbed)).apply(
-        variables,
-        tokens_BxT,
-        cache.positions(T),
-        None,
-        cache.layers,
-        cache.mask(T),
-        method="decode",
-    )
+    with axis_rules(cfg):
+        logits, hidden, kv = Transformer(cfg, _decode_mode(absorbed)).apply(
+            variables,
+            tokens_BxT,
+            cache.positions(T),
+            None,
+            cache.layers,
+            cache.mask(T),
+            method="decode",
+        )
     return logits, hidden, cache.write(kv)
 
 
@@ -81,11 +91,12 @@ def _mtp(cfg, variables, mode, hidden, next_tokens, positions, segment_ids, cach
     if not cfg.mtp_depth:
         raise ValueError("this model has no MTP module (ModelConfig.mtp_depth = 0)")
     model = Transformer(cfg)
-    emb_BxTxD = model.apply(variables, next_tokens, method="embed_tokens")
-    _, (normed_BxTxD, _, kv) = MTPModule(cfg, mode).apply(
-        _first_mtp_module(variables), hidden, emb_BxTxD, positions, segment_ids, cache, mask
-    )
-    logits = model.apply(variables, normed_BxTxD, method="logits")
+    with axis_rules(cfg):
+        emb_BxTxD = model.apply(variables, next_tokens, method="embed_tokens")
+        _, (normed_BxTxD, _, kv) = MTPModule(cfg, mode).apply(
+            _first_mtp_module(variables), hidden, emb_BxTxD, positions, segment_ids, cache, mask
+        )
+        logits = model.apply(variables, normed_BxTxD, method="logits")
     return logits, {MTP: jax.tree.map(lambda a: a[None], kv)}
 
 

@@ -27,8 +27,8 @@ function jitted with one exchange retraces when the config names another:
 The remote-DMA kernels are Mosaic TPU kernels: compiled on TPU, run by the TPU interpreter on
 CPU (slow; for tests), an error on GPU. Every exchange gives the same values and gradients.
 Routing, and so the expert counts the bias update reads, is computed on the global batch
-outside, by GSPMD. The mesh and the logical-axis rules are the ones current at trace time
-(jax.set_mesh, nn.logical_axis_rules).
+outside, by GSPMD. The mesh is the one current at trace time (jax.set_mesh; jit keys on it), the
+logical-axis rules are ModelConfig.logical_rules (the model's entry points trace under them).
 """
 
 from __future__ import annotations

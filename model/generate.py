@@ -108,8 +108,12 @@ def check_request(cfg: ModelConfig, tokens: np.ndarray, lengths, max_new_tokens:
     """Clear errors for requests the model cannot serve."""
     if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if tokens.min() < 0 or tokens.max() >= cfg.vocab_size:
-        raise ValueError(f"prompt token ids must be in [0, {cfg.vocab_size}), got {tokens.max()}")
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= cfg.vocab_size:
+        raise ValueError(
+            f"prompt token ids must lie in [0, {cfg.vocab_size}) (ModelConfig.vocab_size), "
+            f"got {low if low < 0 else high}"
+        )
     longest = int(np.max(lengths)) + max_new_tokens
     if longest > cfg.max_seq_len:
         raise ValueError(

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.config import FP8Config
+from model.config import FP8Config, ModelConfig, rules_table
 from pallas_kernels.fp8_linear import fp8_linear
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
+
+
+@contextlib.contextmanager
+def axis_rules(cfg: ModelConfig) -> Iterator[None]:
+    """Trace the model under cfg.logical_rules, whatever the caller's flax context holds.
+
+    The model's entry points (init, forward, prefill, extend) run inside this, so the rules a
+    jitted function traced with are those of its static config. Rules set by the caller with
+    flax's nn.logical_axis_rules that differ are an error rather than silently ignored."""
+    ambient = tuple(nn.get_logical_axis_rules())
+    if ambient and rules_table(ambient) != cfg.logical_rules:
+        raise ValueError(
+            "the model lays itself out by ModelConfig.logical_rules, not by flax's "
+            "nn.logical_axis_rules context; set cfg.logical_rules (Parallel.configure(cfg) "
+            f"gives the mesh's), got context rules {ambient} and cfg rules {cfg.logical_rules}"
+        )
+    with nn.logical_axis_rules(cfg.logical_rules):
+        yield
 
 
 def partitioned_normal(std: float, names: Sequence[str | None]):

@@ -70,6 +70,7 @@ SAFE_FIELDS = (
     "grpo.plots",
     "grpo.parallel",
     "model.moe.ep_exchange",  # every exchange gives the same values
+    "model.logical_rules",  # a layout, set from grpo.parallel
     "grpo.allow_config_change",
     "eval_tasks",
     "eval_fns",
@@ -282,6 +283,7 @@ def train_grpo(
         desc="grpo",
     )
     parallel = parallel or make_parallel(config.parallel)
+    cfg = parallel.configure(cfg)  # the run config keeps the caller's
     optimizer = make_optimizer(config.optimizer)
     shardings = state_shardings(cfg, optimizer, parallel)
     with parallel.activate():

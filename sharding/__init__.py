@@ -1,8 +1,10 @@
 """Meshes, logical-axis rules, sharded state, expert parallelism and multi-host start-up.
 
     parallel = make_parallel(ParallelConfig(fsdp=2, expert=4, rules=Rules.FSDP_EP))
+    cfg = parallel.configure(cfg)  # the model lays itself out by the preset's rules
     state, shardings = init_state_sharded(cfg, optimizer, rng, parallel)
-    with parallel.activate():  # trace and run jitted model code under the mesh and rules
+    step = jax.jit(make_train_step(cfg, ...))
+    with parallel.activate():  # trace and run jitted model code under the mesh
         state, metrics = step(state, global_batch(parallel, local_batch))
 
 Only this package knows mesh axis names (`data`, `fsdp`, `expert`, `tensor`); the model names

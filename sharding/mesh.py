@@ -1,6 +1,8 @@
-"""The device mesh of an experiment: sizes of `data`, `fsdp`, `expert`, `tensor`, and the
-context (mesh + logical rules) that jitted model code is traced under. How expert parallelism
-moves tokens is the model's choice: MoEConfig.ep_exchange (model/expert_parallel.py)."""
+"""The device mesh of an experiment: sizes of `data`, `fsdp`, `expert`, `tensor`, the mesh
+context jitted code is traced under (jit keys on it), and the logical-axis rules handed to the
+model as a static config field (`Parallel.configure`: ModelConfig.logical_rules), so that a
+function jitted under one set of rules never silently keeps them under another. How expert
+parallelism moves tokens is the model's choice too: MoEConfig.ep_exchange."""
 
 from __future__ import annotations
 
@@ -8,10 +10,10 @@ import contextlib
 import dataclasses
 import math
 
-import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from model import ModelConfig
 from sharding.rules import BATCH_AXES, Rules
 
 AXES = ("data", "fsdp", "expert", "tensor")
@@ -59,10 +61,15 @@ class Parallel:
     def logical_rules(self) -> tuple:
         return self.rules.table()
 
+    def configure(self, cfg: ModelConfig) -> ModelConfig:
+        """cfg laid out by these rules (ModelConfig.logical_rules): what the model traces with."""
+        return cfg.replace(logical_rules=self.logical_rules)
+
     @contextlib.contextmanager
     def activate(self):
-        """Trace and run jitted code in here: the mesh is current and logical names resolve."""
-        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.logical_rules):
+        """Trace and run jitted code in here: the mesh is current. The model reads its rules
+        from its config (`configure`), not from this context."""
+        with jax.set_mesh(self.mesh):
             yield self
 
     @property

@@ -54,6 +54,7 @@ def run(single: bool) -> list[float]:
         parallel = make_parallel(ParallelConfig(fsdp=1), devices=jax.devices()[:1])
     else:
         parallel = make_parallel(ParallelConfig(fsdp=None))
+    cfg = parallel.configure(cfg)
     state, shardings = init_state_sharded(cfg, optimizer, jax.random.key(0), parallel)
     step = jax.jit(
         make_train_step(cfg, LossConfig(), optimizer, schedule),

@@ -125,3 +125,14 @@ def test_cache_sizes_v3_671b():
     cfg = model.presets.get("v3-671b")
     assert model.cache_bytes_per_token(cfg) == 576 * 61 * 2
     assert model.mha_cache_bytes_per_token(cfg) == 128 * (192 + 128) * 61 * 2
+
+
+def test_out_of_range_inputs_fail_outside_a_jit(cfg, variables):
+    prompts, lengths = _left_padded(_sequences(cfg))
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 97\).*got 97"):
+        decode.prefill(cfg, variables, prompts.at[0, -1].set(cfg.vocab_size), lengths, 8)
+    with pytest.raises(ValueError, match=r"max_len 65 exceeds ModelConfig\.max_seq_len 64"):
+        decode.prefill(cfg, variables, prompts, lengths, cfg.max_seq_len + 1)
+    _, _, cache = decode.prefill(cfg, variables, prompts, lengths, 8)
+    with pytest.raises(ValueError, match="got -1"):
+        decode.extend(cfg, variables, jnp.full((B, 1), -1, jnp.int32), cache)

@@ -81,5 +81,6 @@ def test_remote_dma_is_an_error_on_gpu(monkeypatch):
             resolve_exchange(exchange)
 
 
+@pytest.mark.slow  # ~2 minutes on 2 cores
 def test_on_8_simulated_devices():
     run_on_8_devices("tests/test_ep_dispatch_devices.py", timeout=600)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -351,7 +352,7 @@ def _moe_layer_run(exchange, router_bias):
     def run(params, x):
         return jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
 
-    with parallel.activate():
+    with parallel.activate(), nn.logical_axis_rules(parallel.logical_rules):
         (_, out), grads = jax.jit(run)(variables["params"], x)
     return out, grads
 
@@ -397,7 +398,7 @@ def test_one_jitted_function_follows_the_exchange_its_config_names():
 
     padded = layer.cfg
     ragged = dataclasses.replace(padded, ep_exchange=EPExchange.RAGGED_ALL_TO_ALL)
-    with parallel.activate():
+    with parallel.activate(), nn.logical_axis_rules(parallel.logical_rules):
         got = {}
         for cfg in (padded, ragged, padded):
             out = forward(variables, x, cfg=cfg)

@@ -9,15 +9,21 @@ import numpy as np
 import pytest
 
 from experiments import fp8_vs_bf16
+from model import presets
 from tests.test_pretrain import _tiny_pretrain
+from train.data import DataConfig
 from train.metrics import MetricsWriter
 
 
 def test_fp8_vs_bf16_runs_both_and_reports_the_gap(tmp_path, capsys):
-    base = _tiny_pretrain(steps=6)
-    # 128-wide quantization tiles need d_model >= 128 to matter; the tiny model still runs
-    # every FP8 path (tiles are zero-padded).
-    config = dataclasses.replace(fp8_vs_bf16.get_config(), base=base, window=2)
+    # v3-tiny's widths (d_model 128), so V3's 1 x 128 and 128 x 128 tiles are real tiles.
+    base = _tiny_pretrain(steps=2)
+    base = dataclasses.replace(
+        base,
+        model=presets.get("v3-tiny").replace(max_seq_len=256),
+        data=DataConfig(seq_len=64, batch_size=4),
+    )
+    config = dataclasses.replace(fp8_vs_bf16.get_config(), base=base, window=1)
     summary = fp8_vs_bf16.run(config, tmp_path)
     out = capsys.readouterr().out
     assert "relative train-loss gap" in out and "V3 reports" in out
@@ -25,8 +31,18 @@ def test_fp8_vs_bf16_runs_both_and_reports_the_gap(tmp_path, capsys):
     bf16_cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())["model"]
     assert fp8_cfg["fp8"] is not None and bf16_cfg["fp8"] is None
     assert fp8_cfg["dtype"] == bf16_cfg["dtype"] == "bfloat16"
-    assert np.isfinite(summary["final_gap_pct"]) and summary["final_gap_pct"] != 0.0
-    assert abs(summary["eval_gap_pct"]) < 5.0
+    # Step 1 is the one step where both runs hold the same weights and batch, so its gap is
+    # quantization alone: under V3's 0.25% (measured +0.02%). Later steps are not bounded
+    # here: at this scale the runs drift apart by more than FP8 costs (steps 3-4 measured
+    # +0.31%, +0.43%; E5M2 or a fixed scale instead of E4M3 per-tile scales gave smaller gaps
+    # by chance), so the loss cannot tell a right FP8 recipe from a wrong one at toy scale.
+    # The numerics are pinned by tests/test_fp8_gemm.py (15 and 19 failures under those two
+    # mutations) and test_fp8_linear.py's model switch; V3's bound over a whole run is the
+    # experiment's (its docstring: +0.15% at step 800, held-out -0.04%).
+    steps, gap = fp8_vs_bf16.loss_gap(tmp_path / "fp8", tmp_path / "bf16")
+    assert steps.tolist() == [1, 2] and gap[0] != 0.0
+    assert abs(gap[0]) < 0.0025, gap
+    assert np.isfinite(summary["eval_gap_pct"]) and np.isfinite(summary["final_gap_pct"])
     for name in ("loss_gap.png", "loss.png"):
         assert (tmp_path / "plots" / name).is_file()
 

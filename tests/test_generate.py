@@ -136,7 +136,8 @@ def test_samples_are_deterministic_per_key_and_grouped_by_prompt(cfg, variables)
     [
         ([[1], []], {}, "prompt 1 is empty"),
         ([], {}, "no prompts"),
-        ([[1, 500]], {}, "token ids must be in"),
+        ([[1, 500]], {}, r"token ids must lie in \[0, 97\) .*got 500"),
+        ([[-3, 1]], {}, r"token ids must lie in \[0, 97\) .*got -3"),
         ([[1] * 60], {"max_new_tokens": 10}, "exceeds the model's max_seq_len 64"),
         ([[1]], {"max_new_tokens": 0}, "max_new_tokens"),
         ([[1]], {"temperature": 1.0}, "needs an rng"),

@@ -70,6 +70,7 @@ def _batch(cfg, tokenizer, variables) -> dict:
 
 
 def _loss_and_grads(cfg, variables, batch, parallel):
+    cfg = parallel.configure(cfg)
     optimizer = make_optimizer(OPT)
     shardings = state_shardings(cfg, optimizer, parallel)
     with parallel.activate():
@@ -82,11 +83,18 @@ def _loss_and_grads(cfg, variables, batch, parallel):
     return jax.device_get((loss, metrics, grads)), state
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-def test_update_step_matches_one_device(setup, mesh):
+@pytest.fixture(scope="module")
+def one_device(setup):
+    """(the rollout batch, one device's loss, metrics and gradients on it): shared by meshes."""
     cfg, tokenizer, variables = setup
     batch = _batch(cfg, tokenizer, variables)
-    (loss1, metrics1, grads1), _ = _loss_and_grads(cfg, variables, batch, _single())
+    return batch, _loss_and_grads(cfg, variables, batch, _single())[0]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_update_step_matches_one_device(setup, one_device, mesh):
+    cfg, _, variables = setup
+    batch, (loss1, metrics1, grads1) = one_device
     parallel = make_parallel(MESHES[mesh])
     (loss8, metrics8, grads8), state = _loss_and_grads(cfg, variables, batch, parallel)
     np.testing.assert_allclose(loss8, loss1, rtol=1e-5, atol=1e-6)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from experiments import r1_zero
 from rl import tasks
 from train import arithmetic
+from train.metrics import read_metrics
 from train.splits import Split
 
 
@@ -40,6 +42,16 @@ def test_r1_zero_runs_end_to_end_and_resumes(tmp_path, capsys):
         assert (tmp_path / "plots" / name).is_file()
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert {"accuracy", "format", "answer_correct"} <= set(rows[0]["before"])
+    # Stage 2 ran GRPO on each seed: both update steps logged, and "after" is the held-out
+    # evaluation of the last step's policy. (At this scale every reward is 0, so the updates
+    # carry no signal: learning itself is shown by the full run's table in the module doc.)
+    for row in rows:
+        records = read_metrics(tmp_path / f"seed{row['seed']}")
+        steps = [r for r in records if "reward_mean" in r]
+        assert [r["step"] for r in steps] == [1, 2]
+        assert all(np.isfinite(r["loss"]) and "zero_std_groups" in r for r in steps)
+        last = [r for r in records if r["step"] == 2 and "eval/accuracy" in r][-1]
+        assert row["after"] == {k: last[f"eval/{k}"] for k in row["after"]}
     # Rerunning reuses the base and the finished seeds: the same figures come back.
     again = r1_zero.run(config, tmp_path)
     assert again["seed0_accuracy_before"] == summary["seed0_accuracy_before"]

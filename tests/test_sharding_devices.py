@@ -55,9 +55,10 @@ def _single_device():
 
 def _run(parallel):
     """(per-step losses, step-0 gradients, final state) of STEPS train steps."""
-    state, shardings = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
+    cfg = parallel.configure(CFG)
+    state, shardings = init_state_sharded(cfg, OPTIMIZER, jax.random.key(0), parallel)
     step = jax.jit(
-        make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE),
+        make_train_step(cfg, LossConfig(), OPTIMIZER, SCHEDULE),
         in_shardings=(shardings, parallel.batch_sharding()),
         out_shardings=(shardings, parallel.replicated()),
     )
@@ -65,7 +66,7 @@ def _run(parallel):
     @jax.jit
     def grads(params, router_bias, batch):
         loss = lambda p: objective(
-            CFG, LossConfig(), {"params": p, "router_bias": router_bias}, batch, 0
+            cfg, LossConfig(), {"params": p, "router_bias": router_bias}, batch, 0
         )[0]
         return jax.grad(loss)(params)
 
@@ -132,14 +133,28 @@ def test_parameter_shardings_follow_the_rules():
     assert w.addressable_shards[0].data.size * 8 == w.size
 
 
-def test_expert_parallel_layer_uses_all_to_all():
+def test_expert_parallel_follows_the_configs_rules_not_the_context():
+    """The rules are ModelConfig.logical_rules (static: jit keys on them). One jitted step
+    traced with the mesh's rules sends tokens to their experts (all-to-all); the same call
+    with a config without rules retraces and keeps experts whole; flax's ambient
+    nn.logical_axis_rules are refused rather than silently followed or ignored."""
+    import flax.linen as nn
+
     parallel = make_parallel(PRESETS["fsdp_ep"])
     state, _ = init_state_sharded(CFG, OPTIMIZER, jax.random.key(0), parallel)
-    step = jax.jit(make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE))
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def step(cfg, state, batch):
+        return make_train_step(cfg, LossConfig(), OPTIMIZER, SCHEDULE)(state, batch)
+
     with parallel.activate():
         batch = global_batch(parallel, next(_batches()))
-        hlo = step.lower(state, batch).compile().as_text()
-    assert "all-to-all" in hlo
+        texts = [step.lower(cfg, state, batch).as_text() for cfg in (parallel.configure(CFG), CFG)]
+        fresh = jax.jit(make_train_step(CFG, LossConfig(), OPTIMIZER, SCHEDULE))
+        rules = nn.logical_axis_rules(parallel.logical_rules)
+        with rules, pytest.raises(ValueError, match="logical_rules"):
+            fresh.lower(state, batch)
+    assert "all_to_all" in texts[0] and "all_to_all" not in texts[1]
 
 
 def test_checkpoint_restores_onto_other_meshes(tmp_path):
@@ -170,7 +185,8 @@ def test_generation_under_a_mesh_equals_one_device():
 
     sharded = jax.device_put(variables, variable_shardings(CFG, parallel))
     with parallel.activate():
-        got = model.generate(CFG, sharded, prompts, max_new_tokens=6, temperature=0)
+        cfg = parallel.configure(CFG)
+        got = model.generate(cfg, sharded, prompts, max_new_tokens=6, temperature=0)
     assert got.completions() == want.completions()
 
 

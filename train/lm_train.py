@@ -29,7 +29,7 @@ from train.step import LossConfig, NonFinite, make_eval_step, make_train_step, s
 # Fields of a language-model run's config that may change on resume: the loop's cadence and
 # length, and the mesh (checkpoints restore into any sharding).
 # The exchange is how token copies travel under EP; every choice gives the same values.
-SAFE_FIELDS = ("loop", "parallel", "model.moe.ep_exchange")
+SAFE_FIELDS = ("loop", "parallel", "model.moe.ep_exchange", "model.logical_rules")
 OVERRIDE = "loop.allow_config_change=true (--set loop.allow_config_change=true)"
 
 
@@ -106,6 +106,7 @@ def train(
     )
     optimizer = make_optimizer(opt_cfg)
     parallel = parallel or make_parallel(ParallelConfig())
+    model_cfg = parallel.configure(model_cfg)  # config.json keeps the user's config
     state, shardings = init_state_sharded(model_cfg, optimizer, jax.random.key(seed), parallel)
     state, _, resumed = loop.resume(state, data=train_iter)
     if not resumed and initial_state is not None:
