@@ -29,6 +29,7 @@ def _tiny(config: r1_zero.R1ZeroConfig) -> r1_zero.R1ZeroConfig:
     )
 
 
+@pytest.mark.slow  # both stages and a rerun: ~3 minutes on 2 cores
 def test_r1_zero_runs_end_to_end_and_resumes(tmp_path, capsys):
     config = _tiny(r1_zero.get_config())
     summary = r1_zero.run(config, tmp_path)
