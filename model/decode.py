@@ -1,7 +1,7 @@
 """Prefill and cached decode of the main model and of the first MTP module.
 
 All functions are pure and jit-friendly (cfg static). Called outside a jit, token ids outside
-[0, vocab_size) and a cache longer than max_seq_len raise a ValueError (`model.check_inputs`;
+[0, vocab_size) and positions past max_seq_len raise a ValueError (`model.check_inputs`;
 under a jit only shapes are checked). Prompts are left-padded: row b of a
 [B, P] prompt holds its tokens in the last prompt_lengths[b] columns.
 
@@ -45,9 +45,9 @@ def prefill(
     """Runs left-padded prompts; returns logits [B, P, V], hidden [B, P, D] and a cache of
     max_len slots holding the prompts. The prompt is computed like training (per-head K/V from
     fresh latents, the cheaper form for many tokens); only the latents are cached."""
-    check_inputs(cfg, prompts_BxP)
-    if max_len > cfg.max_seq_len:
-        raise ValueError(f"max_len {max_len} exceeds ModelConfig.max_seq_len {cfg.max_seq_len}")
+    # Only the ids: a left-padded cache may hold more slots than max_seq_len (padding takes
+    # slots, not positions); extend checks the positions each row reaches.
+    check_inputs(cfg, prompts_BxP, _prompt_layout(prompts_BxP.shape[1], prompt_lengths_B)[0])
     positions, segment_ids = _prompt_layout(prompts_BxP.shape[1], prompt_lengths_B)
     with axis_rules(cfg):
         logits, hidden, kv = Transformer(cfg, Mode.PREFILL).apply(

@@ -148,3 +148,10 @@ def test_bad_requests_fail_clearly(cfg, variables, prompts, kwargs, message):
     kwargs = {"max_new_tokens": 4, "temperature": 0} | kwargs
     with pytest.raises(ValueError, match=message):
         model.generate(cfg, variables, prompts, **kwargs)
+
+
+def test_a_request_at_max_seq_len_fits_though_padding_takes_cache_slots(cfg, variables):
+    # 50 + 14 = max_seq_len 64; padded to 64 columns the cache has 78 slots: allowed, since
+    # positions start at each row's first real token.
+    out = model.generate(cfg, variables, [[1] * 50], max_new_tokens=14, temperature=0)
+    assert len(out.completions()[0]) == 14
