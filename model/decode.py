@@ -45,10 +45,10 @@ def prefill(
     """Runs left-padded prompts; returns logits [B, P, V], hidden [B, P, D] and a cache of
     max_len slots holding the prompts. The prompt is computed like training (per-head K/V from
     fresh latents, the cheaper form for many tokens); only the latents are cached."""
-    # Only the ids: a left-padded cache may hold more slots than max_seq_len (padding takes
-    # slots, not positions); extend checks the positions each row reaches.
-    check_inputs(cfg, prompts_BxP, _prompt_layout(prompts_BxP.shape[1], prompt_lengths_B)[0])
+    # Ids and prompt positions, not max_len: a left-padded cache may hold more slots than
+    # max_seq_len (padding takes slots, not positions); extend checks the positions it reaches.
     positions, segment_ids = _prompt_layout(prompts_BxP.shape[1], prompt_lengths_B)
+    check_inputs(cfg, prompts_BxP, positions)
     with axis_rules(cfg):
         logits, hidden, kv = Transformer(cfg, Mode.PREFILL).apply(
             variables, prompts_BxP, positions, segment_ids, None, None, method="decode"
@@ -63,13 +63,14 @@ def extend(
 
     absorbed=False rebuilds per-head K/V from the cache instead (the reference path).
     """
-    check_inputs(cfg, tokens_BxT, cache.positions(tokens_BxT.shape[1]))
     T = tokens_BxT.shape[1]
+    positions = cache.positions(T)
+    check_inputs(cfg, tokens_BxT, positions)
     with axis_rules(cfg):
         logits, hidden, kv = Transformer(cfg, _decode_mode(absorbed)).apply(
             variables,
             tokens_BxT,
-            cache.positions(T),
+            positions,
             None,
             cache.layers,
             cache.mask(T),
