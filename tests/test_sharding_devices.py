@@ -234,3 +234,40 @@ def test_expert_parallel_dispatch_equals_reference(ragged, routing):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
     for g, h in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(g, h, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_loss_and_gradients_on_8_devices_with_micro_batches_equal_one_device():
+    """The SFT loss is normalised by the global count of trained tokens: the same packed
+    batch on 8 devices, whole or as 2 micro-batches, gives one device's loss and gradients."""
+    import optax
+
+    from tests.test_sft_loss import SCHEDULE, TEXT, conversations, max_diff, packed_batch
+    from train.chat import render
+    from train.tokenizer import train_bpe
+
+    tokenizer = train_bpe([TEXT], 330)
+    batch = packed_batch([render(c, tokenizer) for c in conversations(10, seed=2)], 63, 8, 8)
+    batch = jax.device_get(batch)
+    sgd = optax.sgd(1.0)
+
+    def one_step(parallel, micro_batches):
+        cfg = parallel.configure(tiny_config(vocab_size=tokenizer.vocab_size))
+        state, shardings = init_state_sharded(cfg, sgd, jax.random.key(2), parallel)
+        loss_cfg = LossConfig(mask_documents=True, micro_batches=micro_batches)
+        step = jax.jit(
+            make_train_step(cfg, loss_cfg, sgd, SCHEDULE),
+            in_shardings=(shardings, parallel.batch_sharding()),
+            out_shardings=(shardings, parallel.replicated()),
+        )
+        with parallel.activate():
+            new, metrics = step(state, global_batch(parallel, batch))
+        grads = jax.tree.map(lambda a, b: a - b, state.params, new.params)
+        return float(metrics["loss"]), jax.device_get(grads)
+
+    want_loss, want_grads = one_step(_single_device(), 1)
+    for micro_batches in (1, 2):
+        loss, grads = one_step(make_parallel(PRESETS["fsdp"]), micro_batches)
+        print(f"8 devices, {micro_batches} micro-batches: |loss diff| {abs(loss - want_loss):.1e}, "
+              f"max |grad diff| {max_diff(grads, want_grads):.1e}")  # fmt: skip
+        assert abs(loss - want_loss) < 1e-6 * abs(want_loss)
+        assert max_diff(grads, want_grads) < 1e-6

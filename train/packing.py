@@ -1,8 +1,10 @@
 """Document packing into fixed rows and the batch contract the train step consumes.
 
-Rows are packed by grain's `ConcatThenSplitIterDataset`: documents are concatenated and cut
-every `seq_len + 1` tokens, so a long document continues in the next row and rows are full
-(padding appears only at the end of a finite split). V3 packs WITHOUT masking documents from
+Pre-training rows are packed by grain's `ConcatThenSplitIterDataset` (`pack`): documents are
+concatenated and cut every `seq_len + 1` tokens, so a long document continues in the next row
+and rows are full (padding appears only at the end of a finite split). SFT rows (`pack_whole`)
+are first-fit bins of whole conversations, padded: a conversation never loses its prompt to
+the previous row. V3 packs WITHOUT masking documents from
 each other; `mask_documents=True` gives the masks SFT-style sample masking needs. RoPE positions
 follow the attention: continuous along the row when documents see each other, restarting at
 each document when they do not.
@@ -16,7 +18,8 @@ Batch contract (numpy, B = batch size, L = seq_len):
                                  start (a document continued from the previous row restarts
                                  at 0: it cannot see its beginning, which is in another row)
     loss_mask    float32 [B, L]  1 where the target is a real token; with mask_documents,
-                                 also 0 where the target starts a new document
+                                 also 0 where the target starts a new document; with a
+                                 `trained` feature (SFT), also 0 where the target is not trained
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import grain
 import numpy as np
 
 TOKENS = "tokens"
+TRAINED = "trained"  # optional per-token flag: 1 where the token is a training target
 
 
 def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -33,6 +37,15 @@ def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     `ds` yields {"tokens": int32 [T]}; one extra token per row gives inputs and targets.
     """
     return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={TOKENS: seq_len + 1})
+
+
+def pack_whole(ds: grain.IterDataset, seq_len: int, num_bins: int) -> grain.IterDataset:
+    """First-fit rows of `seq_len + 1` tokens from whole sequences {"tokens", "trained"}
+    (each at most seq_len + 1 long), in `num_bins` bins at a time; rows are padded."""
+    length = {TOKENS: seq_len + 1, TRAINED: seq_len + 1}
+    return grain.experimental.FirstFitPackIterDataset(
+        ds, length_struct=length, num_packing_bins=num_bins, shuffle_bins=False
+    )
 
 
 def to_batch(
@@ -57,6 +70,8 @@ def to_batch(
         # distances; restarting per document would give two visible tokens one position.
         L = input_segments_BxL.shape[1]
         positions_BxL = np.broadcast_to(np.arange(L, dtype=np.int32), input_segments_BxL.shape)
+    if TRAINED in rows:
+        real_target_BxL &= np.asarray(rows[TRAINED])[:, 1:] != 0
     return {
         "inputs": np.ascontiguousarray(tokens_BxR[:, :-1]),
         "targets": np.ascontiguousarray(tokens_BxR[:, 1:]),

@@ -4,6 +4,11 @@ After the optimizer update the router correction bias of every MoE layer moves b
 gamma * sign(mean_load - load), with loads counted over the step's whole (global) batch: an
 overloaded expert becomes less likely to be picked, an idle one more (V3's auxiliary-loss-free
 balancing). The weights of the chosen experts never see the bias.
+
+Token losses are sums divided by the number of trained tokens in the whole global batch,
+counted from the masks before any forward pass. A batch split into `micro_batches` (gradient
+accumulation) therefore gets exactly the loss and gradients of the whole batch at once, however
+its trained tokens fall between micro-batches or devices.
 """
 
 from __future__ import annotations
@@ -52,6 +57,10 @@ class LossConfig:
     bias_update_stop_step: int | None = None
     mask_documents: bool = False  # attend and predict only within a packed document
     nonfinite: NonFinite = NonFinite.HALT
+    # Gradient accumulation: each batch runs as this many micro-batches of its rows (same loss
+    # and gradients, less activation memory). Under AUX_LOSS the batch-level auxiliary loss is
+    # the mean of the micro-batches' (as Megatron's); every other term is exact.
+    micro_batches: int = 1
 
     def __post_init__(self):
         for name in ("mtp_weight", "mtp_weight_late", "balance_weight", "aux_loss_weight"):
@@ -60,6 +69,10 @@ class LossConfig:
         if not self.bias_update_rate >= 0:
             raise ValueError(
                 f"LossConfig.bias_update_rate = {self.bias_update_rate!r}: must be >= 0"
+            )
+        if not isinstance(self.micro_batches, int) or self.micro_batches < 1:
+            raise ValueError(
+                f"LossConfig.micro_batches = {self.micro_batches!r}: must be an int >= 1"
             )
         for name in ("mtp_weight_switch_step", "bias_update_stop_step"):
             value = getattr(self, name)
@@ -99,17 +112,31 @@ def _shift(x: jax.Array, k: int) -> jax.Array:
     return jnp.pad(x[:, k:], ((0, 0), (0, k)))
 
 
-def token_losses(cfg: ModelConfig, out: model.Output, batch: dict, mask_documents: bool) -> dict:
-    """Sums and counts of main and per-depth MTP cross-entropies over the batch."""
+def loss_targets(cfg: ModelConfig, batch: dict, mask_documents: bool) -> dict:
+    """{name: (targets, mask)} of the main and per-depth MTP cross-entropies."""
     mask = batch["loss_mask"].astype(jnp.float32)
-    sums = {"ce": _masked_ce(out.logits, batch["targets"], mask)}
-    for k, logits in enumerate(out.mtp_logits, start=1):
+    out = {"ce": (batch["targets"], mask)}
+    for k in range(1, cfg.mtp_depth + 1):
         # Depth k at position i predicts token i + k + 1, i.e. targets[i + k].
         mask_k = _shift(mask, k)
         if mask_documents:
             mask_k = mask_k * (_shift(batch["segment_ids"], k) == batch["segment_ids"])
-        sums[f"mtp_{k}"] = _masked_ce(logits, _shift(batch["targets"], k), mask_k)
-    return sums
+        out[f"mtp_{k}"] = (_shift(batch["targets"], k), mask_k)
+    return out
+
+
+def token_counts(cfg: ModelConfig, batch: dict, mask_documents: bool) -> dict:
+    """{name: number of trained positions} of each cross-entropy, from the masks alone."""
+    return {
+        name: mask.sum() for name, (_, mask) in loss_targets(cfg, batch, mask_documents).items()
+    }
+
+
+def token_losses(cfg: ModelConfig, out: model.Output, batch: dict, mask_documents: bool) -> dict:
+    """Sums and counts of main and per-depth MTP cross-entropies over the batch."""
+    logits = {"ce": out.logits} | {f"mtp_{k}": x for k, x in enumerate(out.mtp_logits, start=1)}
+    targets = loss_targets(cfg, batch, mask_documents)
+    return {name: _masked_ce(logits[name], *targets[name]) for name in targets}
 
 
 def _mean(pair) -> jax.Array:
@@ -156,17 +183,29 @@ def update_router_bias(router_bias: dict, aux: model.transformer.Aux, rate: jax.
 
 
 def objective(
-    cfg: ModelConfig, loss_cfg: LossConfig, variables: dict, batch: dict, step: jax.Array
+    cfg: ModelConfig,
+    loss_cfg: LossConfig,
+    variables: dict,
+    batch: dict,
+    step: jax.Array,
+    counts: dict | None = None,
+    share: float = 1.0,
 ) -> tuple[jax.Array, tuple[dict, model.transformer.Aux]]:
-    """(CE + lambda * mean MTP CE + the configured balance term, (metrics, routing aux))."""
+    """(CE + lambda * mean MTP CE + the configured balance term, (metrics, routing aux)).
+
+    For a micro-batch: `counts` are the whole batch's `token_counts` (the CE sums are divided
+    by them) and `share` its fraction of the rows (it weighs the per-row balance terms), so the
+    micro-batches' losses, metrics and gradients add up to the whole batch's."""
     out = forward(cfg, variables, batch, loss_cfg.mask_documents)
     sums = token_losses(cfg, out, batch, loss_cfg.mask_documents)
-    ce = _mean(sums["ce"])
-    depths = [_mean(sums[f"mtp_{k}"]) for k in range(1, cfg.mtp_depth + 1)]
+    if counts is None:
+        counts = {name: count for name, (_, count) in sums.items()}
+    ce = _mean((sums["ce"][0], counts["ce"]))
+    depths = [_mean((sums[f"mtp_{k}"][0], counts[f"mtp_{k}"])) for k in range(1, cfg.mtp_depth + 1)]
     mtp = jnp.mean(jnp.stack(depths)) if depths else jnp.zeros((), jnp.float32)
     aux = out.aux
-    balance = _sum_layers(aux.balance_loss, aux.mtp_balance_loss)
-    batch_balance = _sum_layers(aux.batch_balance_loss, aux.mtp_batch_balance_loss)
+    balance = share * _sum_layers(aux.balance_loss, aux.mtp_balance_loss)
+    batch_balance = share * _sum_layers(aux.batch_balance_loss, aux.mtp_batch_balance_loss)
     loss = ce + loss_cfg.mtp_weight_at(step) * mtp
     if loss_cfg.balancing is Balancing.LOSS_FREE:
         loss = loss + loss_cfg.balance_weight * balance
@@ -206,14 +245,46 @@ def make_train_step(
     optimizer's update count, the one it applies).
     """
 
-    def loss_fn(params, state: TrainState, batch: dict, step: jax.Array):
+    def loss_fn(params, state: TrainState, batch: dict, step: jax.Array, *micro):
         variables = {"params": params, "router_bias": state.router_bias}
-        return objective(cfg, loss_cfg, variables, batch, step)
+        return objective(cfg, loss_cfg, variables, batch, step, *micro)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(state: TrainState, batch: dict, step: jax.Array):
+        """grad_fn's output for the whole batch, summed over its micro-batches."""
+        n, rows = loss_cfg.micro_batches, batch["inputs"].shape[0]
+        if rows % n:
+            raise ValueError(f"LossConfig.micro_batches = {n} does not divide the {rows} rows")
+        counts = token_counts(cfg, batch, loss_cfg.mask_documents)
+        # Row r goes to micro-batch r % n: when each device holds a multiple of n rows, each
+        # micro-batch takes the same share of every device's rows and no row moves.
+        split = lambda x: jnp.swapaxes(x.reshape(rows // n, n, *x.shape[1:]), 0, 1)
+        micro_batches = jax.tree.map(split, batch)
+
+        def one(micro_batch):
+            (loss, (metrics, aux)), grads = grad_fn(
+                state.params, state, micro_batch, step, counts, 1.0 / n
+            )
+            return loss, metrics, (aux.expert_counts, aux.mtp_expert_counts), grads
+
+        def add(total, micro_batch):
+            return jax.tree.map(jnp.add, total, one(micro_batch)), None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(one, first))
+        (loss, metrics, (counts_L, mtp_counts_L), grads), _ = jax.lax.scan(
+            add, zeros, micro_batches
+        )
+        aux = model.transformer.Aux(counts_L, None, None, mtp_counts_L, None, None)
+        return (loss, (metrics, aux)), grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step = schedule_step(state)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch, step)
+        if loss_cfg.micro_batches == 1:
+            (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch, step)
+        else:
+            (loss, (metrics, aux)), grads = accumulated(state, batch, step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         bias_rate = loss_cfg.bias_rate_at(step)

@@ -107,6 +107,10 @@ class Tokenizer:
         """Id of `special`, or None when this tokenizer does not have it."""
         return self._ids[special]
 
+    def content(self, special: Special) -> str:
+        """The text of `special` here (DeepSeek's spelling unless `names` mapped it)."""
+        return self._names[special]
+
     def require(self, *specials: Special) -> None:
         """Raise ValueError naming every one of `specials` this tokenizer lacks."""
         missing = [s for s in specials if self._ids[s] is None]
