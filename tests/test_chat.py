@@ -68,7 +68,8 @@ def test_the_layouts_text(tokenizer):
     conversation = CONVERSATIONS[1]
     think = tokenizer.decode(render(conversation, tokenizer, layout=Layout.THINK).ids)
     assert think == (
-        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hello<｜Assistant｜>Hello there.<｜end▁of▁sentence｜>"
+        "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hello<｜Assistant｜>Hello there."
+        "<｜end▁of▁sentence｜>"
         "<｜User｜>What is 1 + 3?<｜Assistant｜><think>\n1 + 3 = 4, so 4.\n</think>\n\nIt is 4."
         "<｜end▁of▁sentence｜>"
     )
@@ -161,7 +162,7 @@ BAD_LINES = {
 @pytest.mark.parametrize("kind", list(BAD_LINES))
 def test_a_bad_record_names_the_file_and_line(tmp_path, kind):
     path = _jsonl(tmp_path / "data.jsonl", [GOOD, "", GOOD, BAD_LINES[kind], GOOD])
-    with pytest.raises(ValueError, match=rf"data\.jsonl:4: ") as info:
+    with pytest.raises(ValueError, match=r"data\.jsonl:4: ") as info:
         load_conversations(path)
     assert "on_bad=skip" in str(info.value)
 
@@ -183,14 +184,14 @@ def test_files_round_trip_as_jsonl_and_parquet(tmp_path):
 
 
 def test_missing_empty_and_unknown_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
         load_conversations(tmp_path / "nope.jsonl")
     (tmp_path / "c.csv").write_text("x")
-    with pytest.raises(ValueError, match="jsonl or .parquet"):
+    with pytest.raises(ValueError, match=r"jsonl or \.parquet"):
         load_conversations(tmp_path / "c.csv")
     _jsonl(tmp_path / "bad.jsonl", [BAD_LINES["not JSON"]])
     with pytest.raises(ValueError, match="no usable conversations"):
         load_conversations(tmp_path / "bad.jsonl", on_bad=BadData.SKIP)
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
-    with pytest.raises(ValueError, match="broken.parquet: not a readable Parquet"):
+    with pytest.raises(ValueError, match=r"broken\.parquet: not a readable Parquet"):
         load_conversations(tmp_path / "broken.parquet")
