@@ -163,7 +163,7 @@ def test_micro_batches_give_the_whole_batchs_loss_and_gradients(whole_batch, mic
     cfg, state, batch, want = whole_batch
     loss_cfg = dataclasses.replace(WITH_BALANCE, micro_batches=micro_batches)
     got = sgd_gradients(cfg, loss_cfg, state, batch)
-    for name in ("loss", "ce", "mtp_loss", "balance_loss", "tokens", "grad_norm"):
+    for name in ("loss", "ce", "mtp_loss", "balance_loss", "tokens", "trained_tokens", "grad_norm"):
         np.testing.assert_allclose(got[0][name], want[0][name], rtol=1e-6, atol=1e-7)
     np.testing.assert_array_equal(got[0]["expert_load"], want[0]["expert_load"])
     print(f"{micro_batches} micro-batches: max |grad diff| {max_diff(got[1], want[1]):.1e}")

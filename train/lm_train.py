@@ -81,6 +81,8 @@ def train(
     initial_state: Callable[[TrainState], TrainState] | None = None,
     parallel: Parallel | None = None,
     config: Mapping[str, Any] | None = None,
+    evaluate_first: bool = False,
+    evaluate_more: Callable[[ModelConfig, dict], dict] | None = None,
 ) -> RunResult:
     """Train to loop_cfg.steps, resuming from run_dir/checkpoints when one is there.
 
@@ -91,6 +93,9 @@ def train(
     rows, and the state is created, stepped and checkpointed in its shardings. `config`: the
     run's whole config as JSON data, guarded against changes (default: the configs given
     here); a rerun that changes a field outside SAFE_FIELDS is refused before anything runs.
+    `evaluate_first`: evaluate before the first step too; `evaluate_more(cfg, variables)`:
+    more held-out metrics at each evaluation (e.g. greedy task scores), logged beside the
+    losses.
     """
     if config is None:
         config = {
@@ -127,10 +132,13 @@ def train(
         return train_step(state, global_batch(parallel, next(train_iter)))
 
     def run_eval(state: TrainState, step: int) -> dict:
-        if eval_batches is None or loop_cfg.eval_batches == 0:
-            return {}
-        mtp_weight = float(loss_cfg.mtp_weight_at(schedule_step(state)))
-        return evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
+        metrics = {}
+        if eval_batches is not None and loop_cfg.eval_batches > 0:
+            mtp_weight = float(loss_cfg.mtp_weight_at(schedule_step(state)))
+            metrics = evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
+        if evaluate_more is not None:
+            metrics |= evaluate_more(model_cfg, state.variables)
+        return metrics
 
     def check(step: int, host: dict) -> dict:
         if not bool(host.pop("finite")) and loss_cfg.nonfinite is NonFinite.HALT:
@@ -158,4 +166,5 @@ def train(
         throughput=Throughput(flops_per_token(model_cfg, seq_len), loop_cfg.peak_flops),
         postfix=postfix,
         parallel=parallel,
+        evaluate_first=evaluate_first,
     )

@@ -124,6 +124,12 @@ def _features(rendered: Rendered) -> dict[str, np.ndarray]:
     return {packing.TOKENS: rendered.ids, packing.TRAINED: rendered.trained.astype(np.int32)}
 
 
+def _rows(cfg: SFTDataConfig, conversations: grain.MapDataset) -> grain.IterDataset:
+    """First-fit packed rows of rendered conversations, in order."""
+    ds = conversations.map(_features).to_iter_dataset()
+    return packing.pack_whole(ds, cfg.seq_len, cfg.packing_bins)
+
+
 def make_iterator(
     cfg: SFTDataConfig,
     data: SFTData,
@@ -140,7 +146,7 @@ def make_iterator(
         ds = ds.shuffle(seed=cfg.seed).repeat(None)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
-    rows = packing.pack_whole(ds.map(_features).to_iter_dataset(), cfg.seq_len, cfg.packing_bins)
+    rows = _rows(cfg, ds)
     if split is Split.TRAIN:
         batches = rows.batch(cfg.batch_size, drop_remainder=True)
     else:
@@ -148,3 +154,9 @@ def make_iterator(
         batches = rows.batch(cfg.batch_size, batch_fn=pad)
     contract = functools.partial(packing.to_batch, mask_documents=True, pad_id=tokenizer.pad_id)
     return iter(batches.map(contract))
+
+
+def rows_per_epoch(cfg: SFTDataConfig, data: SFTData) -> int:
+    """Rows one pass over the training conversations packs into (in the first epoch's order)."""
+    ds = grain.MapDataset.source(list(data.train)).shuffle(seed=cfg.seed)
+    return sum(1 for _ in _rows(cfg, ds))

@@ -182,6 +182,14 @@ def update_router_bias(router_bias: dict, aux: model.transformer.Aux, rate: jax.
     return new
 
 
+def _real_tokens(batch: dict) -> jax.Array:
+    """Input positions holding a token rather than padding (segment 0)."""
+    segments = batch.get("segment_ids")
+    if segments is None:
+        return jnp.asarray(batch["inputs"].size, jnp.float32)
+    return (segments != 0).sum().astype(jnp.float32)
+
+
 def objective(
     cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -217,7 +225,10 @@ def objective(
         "mtp_loss": mtp,
         "balance_loss": balance,
         "aux_loss": batch_balance,
-        "tokens": sums["ce"][1],
+        # Tokens processed (throughput and MFU count these) and tokens trained on (SFT's
+        # prompts are processed but not trained).
+        "tokens": _real_tokens(batch),
+        "trained_tokens": sums["ce"][1],
     }
     return loss, (metrics, aux)
 
