@@ -27,9 +27,16 @@ from train.state import TrainState
 from train.step import LossConfig, NonFinite, make_eval_step, make_train_step, schedule_step
 
 # Fields of a language-model run's config that may change on resume: the loop's cadence and
-# length, and the mesh (checkpoints restore into any sharding).
-# The exchange is how token copies travel under EP; every choice gives the same values.
-SAFE_FIELDS = ("loop", "parallel", "model.moe.ep_exchange", "model.logical_rules")
+# length, and the mesh (checkpoints restore into any sharding). The exchange is how token
+# copies travel under EP, micro-batching how a batch's gradient is accumulated: every choice
+# gives the same values.
+SAFE_FIELDS = (
+    "loop",
+    "parallel",
+    "model.moe.ep_exchange",
+    "model.logical_rules",
+    "loss.micro_batches",
+)
 OVERRIDE = "loop.allow_config_change=true (--set loop.allow_config_change=true)"
 
 

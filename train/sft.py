@@ -43,8 +43,6 @@ from train.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Micro-batching changes memory, not the loss or its gradients (train/step.py).
-SFT_SAFE_FIELDS = (*SAFE_FIELDS, "loss.micro_batches")
 OVERRIDE = "loop.allow_config_change=true (--set loop.allow_config_change=true)"
 
 
@@ -137,7 +135,7 @@ def sft(
     check_run_dir(  # before anything is written
         run_dir,
         run_config,
-        safe=SFT_SAFE_FIELDS,
+        safe=SAFE_FIELDS,
         allow_change=config.loop.allow_config_change,
         override=OVERRIDE,
     )
