@@ -63,13 +63,16 @@ def evaluate_policy(
     batch_size: int = 256,
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Greedy completions of every task, scored by each of fns: ({name: mean score,
-    completion_len: mean tokens}, {name: per-task scores, "completion": texts})."""
+    completion_len: mean tokens}, {name: per-task scores, "completion": texts}). A task's
+    `prompt_ids`, when present, is its prompt as token ids (e.g. `chat.render`'s)."""
     check_tasks(tasks, "evaluate_policy tasks")
     per_task: dict[str, list] = {name: [] for name in fns} | {"completion": []}
     lengths: list[int] = []
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start : start + batch_size]
-        prompts = [tokenizer.encode(t["prompt"]) for t in chunk]
+        # A chat-rendered prompt carries its ids: its special tokens are not in the text's
+        # encoding (train/tokenizer.py).
+        prompts = [t.get("prompt_ids") or tokenizer.encode(t["prompt"]) for t in chunk]
         out = model.generate(
             cfg, variables, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
             stop_tokens=[tokenizer.eos_id],

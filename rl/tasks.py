@@ -132,6 +132,11 @@ def countdown_tasks(
         question = _countdown_question(numbers, value)
         if split_of(question, heldout_fraction) is split:
             out.append(
-                {"prompt": r1_zero_prompt(question), "numbers": numbers, "target": int(value)}
+                {
+                    "prompt": r1_zero_prompt(question),
+                    "question": question,
+                    "numbers": numbers,
+                    "target": int(value),
+                }
             )
     raise RuntimeError(f"could not draw {count} countdown problems for {split}")

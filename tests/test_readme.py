@@ -33,6 +33,8 @@ _TRAINING = {
     '"runs/my-run"': "RUN_DIR",
     '"runs/my-grpo"': "GRPO_DIR",
     "config=GRPOConfig(": "config=tiny_grpo(",
+    "SFTConfig(init_from=": "tiny_sft(init_from=",
+    '"runs/my-sft"': "SFT_DIR",
 }
 
 
@@ -61,6 +63,7 @@ def _split() -> tuple[list, list]:
         "import jax, model",  # Public API
         "prompts = [[1, 5, 9], [1, 7]]  # token ids; rows may differ in length",  # Generation
         "from train.pretrain import PretrainConfig, pretrain  # the whole pre-training run",
+        "from train.chat import Layout, Message, Role, render, save_for_transformers",
         "from rl.grpo import GRPOConfig, train_grpo, constant_lr",
     ], f"README python blocks changed; wire each into tests/test_readme.py: {heads}"
     return blocks[:2], blocks[2:]
@@ -103,6 +106,16 @@ def _tiny_pretrain(config):
     return tiny_pretrain(steps=2, base=config)
 
 
+def _tiny_sft(**fields):
+    from train.loop import LoopConfig
+    from train.sft import SFTConfig
+
+    config = SFTConfig(**fields)
+    loop = LoopConfig(steps=2, eval_every=2, eval_batches=1, checkpoint_every=2, progress=False)
+    data = dataclasses.replace(config.data, seq_len=32, batch_size=2)
+    return dataclasses.replace(config, epochs=None, data=data, loop=loop)
+
+
 def _tiny_grpo(**fields):
     from rl.grpo import GRPOConfig
 
@@ -116,9 +129,12 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     namespace = {
         "tiny_pretrain": _tiny_pretrain,
         "tiny_grpo": _tiny_grpo,
+        "tiny_sft": _tiny_sft,
         "RUN_DIR": str(tmp_path / "my-run"),
+        "SFT_DIR": str(tmp_path / "my-sft"),
         "GRPO_DIR": str(tmp_path / "my-grpo"),
     }
     _run(_split()[1], _TRAINING, namespace)
     assert namespace["summary"]["steps"] == 2 and namespace["run"].step == 2
     assert (tmp_path / "my-grpo" / "metrics.jsonl").is_file()
+    assert namespace["rendered"].trained.any() and namespace["sft_summary"]["steps"] == 2

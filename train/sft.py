@@ -64,10 +64,8 @@ class SFTConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if (self.init_from is None) == (self.hf_checkpoint is None):
-            raise ValueError(
-                "SFTConfig: set exactly one of init_from (a run dir) and hf_checkpoint"
-            )
+        if self.init_from is not None and self.hf_checkpoint is not None:
+            raise ValueError("SFTConfig: set one of init_from (a run dir) and hf_checkpoint")
         if not self.loss.mask_documents:
             raise ValueError("SFTConfig.loss.mask_documents must be True (SFT masks samples)")
         if self.optimizer.schedule != LRSchedule():
@@ -88,6 +86,8 @@ class SFTConfig:
 
 def load_base(config: SFTConfig) -> tuple[ModelConfig, dict, Tokenizer]:
     """(model config, variables, tokenizer) of the run dir or Hugging Face checkpoint."""
+    if config.init_from is None and config.hf_checkpoint is None:
+        raise ValueError("SFTConfig needs a base: set init_from (a run dir) or hf_checkpoint")
     if config.init_from is not None:
         run = load_run(config.init_from)
         return run.cfg, run.variables, run.tokenizer
