@@ -12,9 +12,11 @@ schedule (scaled up for a tiny model) over 2 epochs. Before and after, the held-
 unseen cold-start conversations and greedy accuracy on unseen arithmetic questions asked in
 the chat format (`accuracy`: strict format and the right integer; `format`).
 
-Runtime on 2 CPU cores: stage 1 ~7 min (400 steps), stage 2 ~4 min. Expected: held-out loss
-falls severalfold and the greedy answers take the readable format (format near 1) with most
-arithmetic right.
+Runtime on 2 CPU cores, measured 2026-12-02 (defaults, 3000 samples, 2862 in train): stage 1
+14.5 min (400 steps), stage 2 12.3 min (293 steps = 2 epochs of 8 x 512 packed rows, plus two
+greedy evaluations of 100 held-out questions). Result: held-out loss 10.59 -> 0.222 (the base
+never saw the chat tokens), format 0.00 -> 1.00, accuracy 0.00 -> 0.30 (the base is weak:
+400 steps; r1-zero's GRPO takes it from there), nothing truncated at seq_len 512.
 """
 
 from __future__ import annotations
