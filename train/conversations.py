@@ -29,7 +29,7 @@ class BadData(enum.Enum):
     SKIP = "skip"  # drop it and count it
 
 
-def _records(path: Path) -> Iterator[tuple[int, object]]:
+def records(path: Path) -> Iterator[tuple[int, object]]:
     """(line or row number from 1, record or the JSON error) in file order."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -77,7 +77,7 @@ def load_conversations(
     if path.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{path}: conversations must be a .jsonl or .parquet file")
     conversations, skipped = [], collections.Counter()
-    for number, record in _records(path):
+    for number, record in records(path):
         try:
             conversations.append(parse_conversation(record))
         except ValueError as e:
