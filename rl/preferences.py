@@ -23,14 +23,13 @@ import dataclasses
 import enum
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 
 from rl.cold_start import arithmetic_sample
 from train import arithmetic
 from train.chat import Layout, Message, Role, check_conversation, render
-from train.conversations import BadData, records
+from train.conversations import BadData, load_records
 from train.splits import Split
 from train.tokenizer import Tokenizer
 
@@ -110,22 +109,7 @@ def load_pairs(
     path: str | os.PathLike, *, on_bad: BadData = BadData.RAISE
 ) -> tuple[list[Pair], collections.Counter]:
     """(pairs, skipped reasons -> counts) from a .jsonl or .parquet file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference file not found: {path}")
-    if path.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"{path}: preference pairs must be a .jsonl or .parquet file")
-    pairs, skipped = [], collections.Counter()
-    for number, record in records(path):
-        try:
-            pairs.append(parse_pair(record))
-        except ValueError as e:
-            if on_bad is BadData.RAISE:
-                raise ValueError(f"{path}:{number}: {e} (on_bad=skip skips such records)") from None
-            skipped["not JSON" if isinstance(record, ValueError) else str(e)] += 1
-    if not pairs:
-        raise ValueError(f"{path}: no usable pairs ({sum(skipped.values())} skipped)")
-    return pairs, skipped
+    return load_records(path, parse_pair, what="preference pairs", on_bad=on_bad)
 
 
 def _worse(good: Message, problem: arithmetic.ArithmeticProblem, kind: str, rng) -> Message:

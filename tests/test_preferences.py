@@ -87,5 +87,5 @@ def test_pairs_from_a_file_and_bad_records(tmp_path):
             pairs[0].chosen,
             pairs[0].rejected,
         )
-    with pytest.raises(FileNotFoundError, match="preference file"):
+    with pytest.raises(FileNotFoundError, match="preference pairs file not found"):
         load_pairs(tmp_path / "none.jsonl")

@@ -16,10 +16,13 @@ import collections
 import enum
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from train.chat import Conversation, Message, check_conversation
+
+T = TypeVar("T")
 
 
 class BadData(enum.Enum):
@@ -67,27 +70,39 @@ def parse_conversation(record: object) -> list[Message]:
     return messages
 
 
-def load_conversations(
-    path: str | os.PathLike, *, on_bad: BadData = BadData.RAISE
-) -> tuple[list[Conversation], collections.Counter]:
-    """(conversations, skipped reasons -> counts) from a .jsonl or .parquet file."""
+def load_records(
+    path: str | os.PathLike,
+    parse: Callable[[object], T],
+    *,
+    what: str,
+    on_bad: BadData = BadData.RAISE,
+) -> tuple[list[T], collections.Counter]:
+    """(parse(record) for each good record, skipped reasons -> counts) from a .jsonl or
+    .parquet file of `what` (named in errors); `parse` raises ValueError on a bad record."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"conversations file not found: {path}")
+        raise FileNotFoundError(f"{what} file not found: {path}")
     if path.suffix not in (".jsonl", ".parquet"):
-        raise ValueError(f"{path}: conversations must be a .jsonl or .parquet file")
-    conversations, skipped = [], collections.Counter()
+        raise ValueError(f"{path}: {what} must be a .jsonl or .parquet file")
+    items, skipped = [], collections.Counter()
     for number, record in records(path):
         try:
-            conversations.append(parse_conversation(record))
+            items.append(parse(record))
         except ValueError as e:
             if on_bad is BadData.RAISE:
                 hint = " (on_bad=skip drops such records and counts them)"
                 raise ValueError(f"{path}:{number}: {e}{hint}") from None
             skipped["not JSON" if isinstance(record, ValueError) else str(e)] += 1
-    if not conversations:
-        raise ValueError(f"{path}: no usable conversations ({sum(skipped.values())} skipped)")
-    return conversations, skipped
+    if not items:
+        raise ValueError(f"{path}: no usable {what} ({sum(skipped.values())} skipped)")
+    return items, skipped
+
+
+def load_conversations(
+    path: str | os.PathLike, *, on_bad: BadData = BadData.RAISE
+) -> tuple[list[Conversation], collections.Counter]:
+    """(conversations, skipped reasons -> counts) from a .jsonl or .parquet file."""
+    return load_records(path, parse_conversation, what="conversations", on_bad=on_bad)
 
 
 def save_conversations(conversations: list[Conversation], path: str | os.PathLike) -> None:
