@@ -29,7 +29,7 @@ import numpy as np
 from rl.cold_start import arithmetic_sample
 from train import arithmetic
 from train.chat import Layout, Message, Role, check_conversation, render
-from train.conversations import BadData, load_records
+from train.conversations import BadData, load_records, parse_message
 from train.splits import Split
 from train.tokenizer import Tokenizer
 
@@ -65,18 +65,11 @@ class Pair:
             raise ValueError(f"margin must be a finite number, got {self.margin!r}")
 
 
-def _message(value: object) -> Message:
-    # Parquet fills absent struct fields with None.
-    if isinstance(value, Mapping):
-        value = {k: v for k, v in value.items() if v is not None}
-    return Message.from_dict(value)
-
-
 def _response(value: object, name: str) -> Message:
     if isinstance(value, str):
         return Message(Role.ASSISTANT, value)
     if isinstance(value, Mapping):
-        return _message(value)
+        return parse_message(value)
     raise ValueError(f"{name} must be a string or an assistant message, got {type(value).__name__}")
 
 
@@ -93,7 +86,7 @@ def parse_pair(record: object) -> Pair:
     if isinstance(prompt, str):
         turns = (Message(Role.USER, prompt),)
     elif isinstance(prompt, list):
-        turns = tuple(_message(m) for m in prompt)
+        turns = tuple(parse_message(m) for m in prompt)
     else:
         raise ValueError("prompt must be a string or a list of messages")
     margin = record.get("margin")

@@ -9,10 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tokenizers
 
 from train.chat import Layout, Message, Role, chat_template, render, save_for_transformers
 from train.conversations import BadData, load_conversations, save_conversations
-from train.tokenizer import Special, train_bpe
+from train.tokenizer import Special, Tokenizer, train_bpe
 
 TEXT = "What is 12 + 34? Think: 2 + 4 = 6, 1 + 3 = 4, so 46. Hello there, be brief. " * 20
 S, U, A = Role.SYSTEM, Role.USER, Role.ASSISTANT
@@ -133,11 +134,7 @@ def test_malformed_messages_are_refused(data, error):
 
 
 def test_a_tokenizer_without_the_chat_tokens_is_refused(tokenizer):
-    import tokenizers
-
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
-    from train.tokenizer import Tokenizer
-
     plain = Tokenizer(backend, names={Special.ANSWER_BEGIN: "<not-there>"})
     render(CONVERSATIONS[0], plain, layout=Layout.THINK)
     with pytest.raises(ValueError, match="ANSWER_BEGIN"):

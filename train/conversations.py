@@ -16,7 +16,7 @@ import collections
 import enum
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -53,19 +53,20 @@ def records(path: Path) -> Iterator[tuple[int, object]]:
                 yield number, ValueError(f"not JSON ({e})")
 
 
+def parse_message(value: object) -> Message:
+    """A Message from a record's {role, content, reasoning_content}; ValueError if malformed."""
+    if isinstance(value, Mapping):  # Parquet fills absent struct fields with None
+        value = {k: v for k, v in value.items() if v is not None}
+    return Message.from_dict(value)
+
+
 def parse_conversation(record: object) -> list[Message]:
     """A checked conversation from one record ({"messages": [...]}); ValueError if malformed."""
     if isinstance(record, ValueError):
         raise record
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError("expected an object with a 'messages' list")
-    # Parquet fills absent struct fields with None.
-    messages = [
-        Message.from_dict({k: v for k, v in m.items() if v is not None})
-        if isinstance(m, dict)
-        else Message.from_dict(m)
-        for m in record["messages"]
-    ]
+    messages = [parse_message(m) for m in record["messages"]]
     check_conversation(messages)
     return messages
 
