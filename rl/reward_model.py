@@ -10,8 +10,9 @@ reward models); the centering term (c, default 0) keeps rewards near zero, so th
 added to rule rewards without an offset. Parameters are {"backbone": the model's params,
 "head": {"w" [D], "b" []}}; the MoE router biases stay as the base left them.
 
-A batch holds P pairs as 2P rows, the chosen responses first: inputs, positions and
-segment_ids [2P, T] (0 = padding, on either side) and margin [P].
+A batch of P pairs holds inputs, positions and segment_ids [P, 2, T] (response 0 chosen,
+1 rejected; segment 0 = padding, on either side), margin [P] and weight [P] (0: a padding
+pair). Pairs lead every array, so a batch shards and splits across hosts by pair.
 """
 
 from __future__ import annotations
@@ -71,21 +72,32 @@ def scores(cfg: ModelConfig, params: dict, router_bias: dict, batch: dict) -> ja
     return h_BxD @ params["head"]["w"] + params["head"]["b"]
 
 
+def pair_scores(cfg: ModelConfig, params: dict, router_bias: dict, batch: dict) -> jax.Array:
+    """Rewards [P, 2] (chosen, rejected) of a batch of pairs."""
+    P, _, T = batch["inputs"].shape
+    rows = {k: batch[k].reshape(2 * P, T) for k in ("inputs", "positions", "segment_ids")}
+    return scores(cfg, params, router_bias, rows).reshape(P, 2)
+
+
 def pair_loss(
-    loss_cfg: RewardLossConfig, rewards: jax.Array, margin: jax.Array
+    loss_cfg: RewardLossConfig,
+    rewards_Px2: jax.Array,
+    margin: jax.Array,
+    weight: jax.Array | None = None,
 ) -> tuple[jax.Array, dict]:
-    """(mean Bradley-Terry loss + centering, metrics) of rewards [2P] (chosen first)."""
-    chosen, rejected = jnp.split(rewards, 2)
+    """(Bradley-Terry loss + centering, metrics), means over the pairs of `weight` 1."""
+    chosen, rejected = rewards_Px2[:, 0], rewards_Px2[:, 1]
+    weight = jnp.ones_like(chosen) if weight is None else weight
+    mean = lambda x: jnp.sum(weight * x) / jnp.maximum(jnp.sum(weight), 1.0)
     gap = chosen - rejected
     bt = -jax.nn.log_sigmoid(gap - margin)
-    center = jnp.square(chosen + rejected)
-    loss = jnp.mean(bt) + loss_cfg.center_weight * jnp.mean(center)
+    loss = mean(bt) + loss_cfg.center_weight * mean(jnp.square(chosen + rejected))
     metrics = {
         "loss": loss,
-        "bt_loss": jnp.mean(bt),
-        "accuracy": jnp.mean((gap > 0).astype(jnp.float32)),
-        "reward_gap": jnp.mean(gap),
-        "reward_mean": jnp.mean(rewards),
+        "bt_loss": mean(bt),
+        "accuracy": mean((gap > 0).astype(jnp.float32)),
+        "reward_gap": mean(gap),
+        "reward_mean": mean((chosen + rejected) / 2),
     }
     return loss, metrics
 
@@ -94,7 +106,8 @@ def objective(
     cfg: ModelConfig, loss_cfg: RewardLossConfig, params: dict, router_bias: dict, batch: dict
 ) -> tuple[jax.Array, dict]:
     """The loss of a batch of pairs and its metrics (pairwise accuracy among them)."""
-    return pair_loss(loss_cfg, scores(cfg, params, router_bias, batch), batch["margin"])
+    rewards = pair_scores(cfg, params, router_bias, batch)
+    return pair_loss(loss_cfg, rewards, batch["margin"], batch.get("weight"))
 
 
 def pad_rows(rows: list[np.ndarray], length: int, *, left: bool = False) -> dict:

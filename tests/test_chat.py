@@ -11,7 +11,16 @@ import pyarrow.parquet as pq
 import pytest
 import tokenizers
 
-from train.chat import Layout, Message, Role, chat_template, render, save_for_transformers
+from train.chat import (
+    Layout,
+    Message,
+    Role,
+    assistant_ids,
+    chat_template,
+    parse_assistant,
+    render,
+    save_for_transformers,
+)
 from train.conversations import BadData, load_conversations, save_conversations
 from train.tokenizer import Special, Tokenizer, train_bpe
 
@@ -95,6 +104,27 @@ def test_only_assistant_bodies_and_their_end_of_sentence_are_trained(tokenizer):
     assert bodies[1].startswith("<think>\n1 + 3")
     assert not trained[ids == tokenizer.user_id].any()
     assert not trained[ids == tokenizer.assistant_id].any()
+
+
+@pytest.mark.parametrize("layout", list(Layout))
+def test_a_decoded_completion_parses_back_to_the_ids_it_came_from(tokenizer, layout):
+    """What a reward model scores from a completion's text is what it was trained on: prompt
+    ids + assistant_ids(parse_assistant(decoded body)) = the rendered conversation."""
+    for conversation in CONVERSATIONS:
+        prompt, response = conversation[:-1], conversation[-1]
+        want = render(conversation, tokenizer, layout=layout).ids.tolist()
+        head = render(prompt, tokenizer, layout=layout, add_generation_prompt=True).ids.tolist()
+        body = assistant_ids(response, tokenizer, layout)
+        assert head + body == want
+        text = tokenizer.decode(body[:-1])  # a completion: the sampler stops on EOS
+        parsed = parse_assistant(text, tokenizer, layout)
+        assert parsed == response
+        assert assistant_ids(parsed, tokenizer, layout) == body
+    # Off-layout text is all answer; blank text is nothing.
+    other = Layout.READABLE if layout is Layout.THINK else Layout.THINK
+    text = tokenizer.decode(assistant_ids(CONVERSATIONS[0][-1], tokenizer, other)[:-1])
+    assert parse_assistant(text, tokenizer, layout) == Message(A, text)
+    assert parse_assistant(" \n", tokenizer, layout) is None
 
 
 def test_special_token_text_inside_a_message_stays_text(tokenizer):

@@ -45,14 +45,17 @@ def test_padding_never_moves_the_reward():
 
 
 def test_pair_loss_is_bradley_terry_with_margin_and_centering():
-    rewards = jnp.array([2.0, -1.0, 0.5, 0.0, 1.0, 1.5])  # chosen 2, -1, .5; rejected 0, 1, 1.5
-    margin = jnp.array([0.0, 0.5, 1.0])
-    loss, metrics = pair_loss(RewardLossConfig(center_weight=0.1), rewards, margin)
+    rewards = jnp.array([[2.0, 0.0], [-1.0, 1.0], [0.5, 1.5], [9.0, -9.0]])  # (chosen, rejected)
+    margin = jnp.array([0.0, 0.5, 1.0, 0.0])
+    weight = jnp.array([1.0, 1.0, 1.0, 0.0])  # the last pair is padding
+    loss, metrics = pair_loss(RewardLossConfig(center_weight=0.1), rewards, margin, weight)
     gap = np.array([2.0, -2.0, -1.0])
     bt = np.log1p(np.exp(-(gap - [0.0, 0.5, 1.0])))
     center = np.array([2.0, 0.0, 2.0]) ** 2
     np.testing.assert_allclose(float(loss), bt.mean() + 0.1 * center.mean(), rtol=1e-6)
     assert float(metrics["accuracy"]) == pytest.approx(1 / 3)
+    unweighted, _ = pair_loss(RewardLossConfig(), rewards[:3], margin[:3])
+    np.testing.assert_allclose(float(unweighted), bt.mean(), rtol=1e-6)
     with pytest.raises(ValueError, match="center_weight"):
         RewardLossConfig(center_weight=-1.0)
 

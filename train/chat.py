@@ -29,6 +29,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -161,12 +162,56 @@ def render(
         pieces.append((Special.ASSISTANT, False))
     ids, trained = [], []
     for piece, train in pieces:
-        piece_ids = (
-            [tokenizer.special_id(piece)] if isinstance(piece, Special) else tokenizer.encode(piece)
-        )
+        piece_ids = _encode([piece], tokenizer)
         ids += piece_ids
         trained += [train] * len(piece_ids)
     return Rendered(np.asarray(ids, np.int32), np.asarray(trained, bool))
+
+
+def _encode(pieces: Sequence[Special | str], tokenizer: Tokenizer) -> list[int]:
+    ids: list[int] = []
+    for piece in pieces:
+        special = isinstance(piece, Special)
+        ids += [tokenizer.special_id(piece)] if special else tokenizer.encode(piece)
+    return ids
+
+
+def assistant_ids(
+    message: Message, tokenizer: Tokenizer, layout: Layout = Layout.THINK
+) -> list[int]:
+    """The ids of an assistant turn's body, end-of-sentence included: what follows a
+    generation prompt in `render` (so prompt ids + these = the rendered conversation)."""
+    if message.role is not Role.ASSISTANT:
+        raise ValueError(f"assistant_ids: a {message.role.value} message")
+    tokenizer.require(*_required(layout))
+    return _encode(_assistant_parts(message, layout), tokenizer)
+
+
+def parse_assistant(
+    text: str, tokenizer: Tokenizer, layout: Layout = Layout.THINK
+) -> Message | None:
+    """The assistant message whose rendered body (without end-of-sentence) decodes to `text`:
+    reasoning and answer when `text` follows `layout` exactly, else all of it as the answer;
+    None for blank text. The inverse of `assistant_ids` on decoded completions."""
+    if not text.strip():
+        return None
+    tag = lambda special: re.escape(tokenizer.content(special))
+    answer = r"\n\n(?P<answer>.*)"
+    if layout is Layout.READABLE:
+        answer = rf"\n{tag(Special.ANSWER_BEGIN)}\n(?P<answer>.*)\n{tag(Special.ANSWER_END)}"
+    pattern = rf"{tag(Special.THINK_BEGIN)}\n(?P<reasoning>.*)\n{tag(Special.THINK_END)}{answer}"
+    match = re.fullmatch(pattern, text, flags=re.S)
+    if match is not None and match["reasoning"].strip() and match["answer"].strip():
+        return Message(Role.ASSISTANT, match["answer"], reasoning=match["reasoning"])
+    return Message(Role.ASSISTANT, text)
+
+
+def last_user_text(prompt: str, tokenizer: Tokenizer) -> str:
+    """The last user turn of a chat-rendered prompt's text (all of it if it has none)."""
+    user, assistant = tokenizer.content(Special.USER), tokenizer.content(Special.ASSISTANT)
+    if user not in prompt:
+        return prompt
+    return prompt.rsplit(user, 1)[1].split(assistant, 1)[0]
 
 
 def chat_template(tokenizer: Tokenizer, layout: Layout = Layout.THINK) -> str:

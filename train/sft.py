@@ -84,14 +84,19 @@ class SFTConfig:
             raise ValueError(f"SFTConfig.warmup_steps = {self.warmup_steps!r}: must be an int >= 0")
 
 
-def load_base(config: SFTConfig) -> tuple[ModelConfig, dict, Tokenizer]:
-    """(model config, variables, tokenizer) of the run dir or Hugging Face checkpoint."""
-    if config.init_from is None and config.hf_checkpoint is None:
-        raise ValueError("SFTConfig needs a base: set init_from (a run dir) or hf_checkpoint")
-    if config.init_from is not None:
-        run = load_run(config.init_from)
+def load_base(
+    init_from: str | None, hf_checkpoint: str | None, *, what: str = "SFTConfig"
+) -> tuple[ModelConfig, dict, Tokenizer]:
+    """(model config, variables, tokenizer) of a jaxseek run dir or a Hugging Face checkpoint
+    (exactly one is given; `what` names the config in the error)."""
+    if init_from is None and hf_checkpoint is None:
+        raise ValueError(f"{what} needs a base: set init_from (a run dir) or hf_checkpoint")
+    if init_from is not None and hf_checkpoint is not None:
+        raise ValueError(f"{what}: set one of init_from (a run dir) and hf_checkpoint")
+    if init_from is not None:
+        run = load_run(init_from)
         return run.cfg, run.variables, run.tokenizer
-    path = Path(config.hf_checkpoint)
+    path = Path(hf_checkpoint)
     tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
     cfg, variables = hf.load(path)
     if tokenizer.vocab_size > cfg.vocab_size:
@@ -129,7 +134,7 @@ def sft(
     summary (also written to summary.json). `evaluate_more(cfg, variables, tokenizer)` adds
     held-out metrics at each evaluation, e.g. rl.evaluate's greedy task scores."""
     run_dir = Path(run_dir)
-    cfg, base, tokenizer = load_base(config)
+    cfg, base, tokenizer = load_base(config.init_from, config.hf_checkpoint)
     # The model's config travels with the run (train.run.load_run reads it from config.json).
     run_config = {**to_json(config), "model": to_json(cfg)}
     check_run_dir(  # before anything is written

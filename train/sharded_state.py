@@ -18,22 +18,18 @@ from sharding.partition import path_keys, variable_shardings
 from train.state import TrainState, init_state
 
 
-def state_shardings(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, parallel: Parallel
-) -> TrainState:
-    """NamedShardings of every TrainState leaf: optimizer moments follow their parameter."""
-    variables = variable_shardings(cfg, parallel)
-    abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer), jax.random.key(0))
+def follow_params(param_shardings: dict, opt_state: optax.OptState, parallel: Parallel):
+    """NamedShardings of an (abstract) optimizer state: a leaf shaped like a parameter, under
+    that parameter's path (mu, nu, ...), takes its sharding; counts and the rest replicate."""
     by_path = {
         path_keys(p): s
         for p, s in jax.tree_util.tree_leaves_with_path(
-            variables["params"], is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+            param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
         )
     }
     replicated = parallel.replicated()
 
-    def follow_param(path, leaf):
-        # An optimizer leaf shaped like a parameter, under that parameter's path (mu, nu, ...).
+    def follow(path, leaf):
         keys = path_keys(path)
         for start in range(len(keys)):
             sharding = by_path.get(keys[start:])
@@ -41,10 +37,20 @@ def state_shardings(
                 return sharding
         return replicated
 
+    return jax.tree_util.tree_map_with_path(follow, opt_state)
+
+
+def state_shardings(
+    cfg: ModelConfig, optimizer: optax.GradientTransformation, parallel: Parallel
+) -> TrainState:
+    """NamedShardings of every TrainState leaf: optimizer moments follow their parameter."""
+    variables = variable_shardings(cfg, parallel)
+    abstract = jax.eval_shape(functools.partial(init_state, cfg, optimizer), jax.random.key(0))
+    replicated = parallel.replicated()
     return TrainState(
         step=replicated,
         params=variables["params"],
-        opt_state=jax.tree_util.tree_map_with_path(follow_param, abstract.opt_state),
+        opt_state=follow_params(variables["params"], abstract.opt_state, parallel),
         router_bias=variables.get("router_bias", {}),
         rng=replicated,
         skipped=replicated,

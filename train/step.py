@@ -244,6 +244,44 @@ def schedule_step(state: TrainState) -> jax.Array:
     return state.step - state.skipped if count is None else count
 
 
+def apply_update(
+    state: TrainState,
+    loss: jax.Array,
+    grads: dict,
+    optimizer: optax.GradientTransformation,
+    schedule: LRSchedule,
+    router_bias: dict | None = None,
+) -> tuple[TrainState, dict]:
+    """The state after one optimizer step on `grads` (and the new `router_bias`, if given),
+    or the old state, step count and skip count advanced, when the loss or gradient is not
+    finite; metrics grad_norm, learning_rate, finite and skipped. Every trainer's update."""
+    step = schedule_step(state)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    router_bias = state.router_bias if router_bias is None else router_bias
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite step keeps the old state (the loop halts or counts it, per config).
+    # Not optax.apply_if_finite: it checks only the gradients, gives up after a number of
+    # consecutive failures, and cannot hold back the router bias, which is not optax's.
+    keep = lambda new, old: optax.tree_utils.tree_where(finite, new, old)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        router_bias=keep(router_bias, state.router_bias),
+        rng=jax.random.fold_in(state.rng, state.step),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+    )
+    metrics = {
+        "grad_norm": grad_norm,
+        "learning_rate": schedule(step),
+        "finite": finite,
+        "skipped": new_state.skipped,
+    }
+    return new_state, metrics
+
+
 def make_train_step(
     cfg: ModelConfig,
     loss_cfg: LossConfig,
@@ -296,31 +334,12 @@ def make_train_step(
             (loss, (metrics, aux)), grads = grad_fn(state.params, state, batch, step)
         else:
             (loss, (metrics, aux)), grads = accumulated(state, batch, step)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         bias_rate = loss_cfg.bias_rate_at(step)
         router_bias = update_router_bias(state.router_bias, aux, bias_rate)
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step keeps the old state (the loop halts or counts it, per config).
-        # Not optax.apply_if_finite: it checks only the gradients, gives up after a number of
-        # consecutive failures, and cannot hold back the router bias, which is not optax's.
-        keep = lambda new, old: optax.tree_utils.tree_where(finite, new, old)
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            router_bias=keep(router_bias, state.router_bias),
-            rng=jax.random.fold_in(state.rng, state.step),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
-        metrics |= {
-            "grad_norm": grad_norm,
-            "learning_rate": schedule(step),
+        new_state, updated = apply_update(state, loss, grads, optimizer, schedule, router_bias)
+        metrics |= updated | {
             "mtp_weight": loss_cfg.mtp_weight_at(step),
             "bias_update_rate": bias_rate,
-            "finite": finite,
-            "skipped": new_state.skipped,
         }
         if aux.expert_counts is not None:
             maxvio = max_violation(aux.expert_counts)
