@@ -46,6 +46,13 @@ def task_columns(tasks: Sequence[Mapping[str, Any]], repeat: int = 1) -> dict[st
     return {k: [t[k] for t in tasks for _ in range(repeat)] for k in keys}
 
 
+def prompt_ids(task: Mapping[str, Any], tokenizer: Tokenizer) -> list[int]:
+    """A task's prompt as token ids: its `prompt_ids` (e.g. `chat.render`'s, whose special
+    tokens the text's encoding would not give; train/tokenizer.py), else the encoded text."""
+    ids = task.get("prompt_ids")
+    return list(ids) if ids is not None else tokenizer.encode(task["prompt"])
+
+
 def decode_completions(tokenizer: Tokenizer, completions: Sequence[Sequence[int]]) -> list[str]:
     """Completion texts, without the end-of-sequence token the sampler stopped on."""
     eos = tokenizer.eos_id
@@ -70,9 +77,7 @@ def evaluate_policy(
     lengths: list[int] = []
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start : start + batch_size]
-        # A chat-rendered prompt carries its ids: its special tokens are not in the text's
-        # encoding (train/tokenizer.py).
-        prompts = [t.get("prompt_ids") or tokenizer.encode(t["prompt"]) for t in chunk]
+        prompts = [prompt_ids(t, tokenizer) for t in chunk]
         out = model.generate(
             cfg, variables, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
             stop_tokens=[tokenizer.eos_id],

@@ -42,7 +42,7 @@ import numpy as np
 
 from model import ModelConfig
 from model.sampling import Sampling
-from rl.evaluate import check_tasks, evaluate_policy
+from rl.evaluate import check_tasks, evaluate_policy, prompt_ids
 from rl.grpo_loss import GRPOLossConfig
 from rl.grpo_step import GRPOStep
 from rl.rewards import RewardFn, Weighted
@@ -291,7 +291,7 @@ def train_grpo(
     use_ref = config.loss.beta > 0
     ref = {"ref": jax.tree.map(jnp.copy, state.params)} if use_ref else None
     state, ref, _ = loop.resume(state, extra=ref)
-    longest = max(len(tokenizer.encode(t["prompt"])) for t in train_tasks)
+    longest = max(len(prompt_ids(t, tokenizer)) for t in train_tasks)
     grpo_step = GRPOStep(
         cfg=cfg,
         tokenizer=tokenizer,

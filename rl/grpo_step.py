@@ -24,7 +24,7 @@ import optax
 
 from model import ModelConfig
 from model.sampling import Sampling
-from rl.evaluate import decode_completions, task_columns
+from rl.evaluate import decode_completions, prompt_ids, task_columns
 from rl.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from rl.rewards import Weighted
 from rl.rollout import Rollout, rollout, token_logprobs
@@ -183,7 +183,7 @@ class GRPOStep:
         G, T = self.group_size, self.sampling.temperature
         start = time.perf_counter()
         ro = rollout(
-            self.cfg, state.variables, [self.tokenizer.encode(t["prompt"]) for t in tasks],
+            self.cfg, state.variables, [prompt_ids(t, self.tokenizer) for t in tasks],
             group_size=G, sampling=self.sampling, max_new_tokens=self.max_new_tokens,
             stop_tokens=[self.tokenizer.eos_id], row_len=self.row_len,
             rng=jax.random.fold_in(jax.random.key(self.seed), step),

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 import model
 from model import ModelConfig
 from rl import rewards as rule_rewards
-from rl.evaluate import check_tasks, decode_completions, task_columns
+from rl.evaluate import check_tasks, decode_completions, prompt_ids, task_columns
 from rl.rewards import RewardFn
 from rl.sample_filters import FilterConfig, duplicate_of, reasoning_checks
 from train.chat import Layout, Message, Role, last_user_text, parse_assistant
@@ -158,7 +158,7 @@ def _chunk(
 ) -> dict:
     """The kept samples and the counts of one chunk of tasks (starting at task `first`)."""
     tok, N = policy.tokenizer, config.samples_per_prompt
-    prompts = [t.get("prompt_ids") or tok.encode(t["prompt"]) for t in tasks]
+    prompts = [prompt_ids(t, tok) for t in tasks]
     out = model.generate(
         policy.cfg, policy.variables, prompts, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, top_p=config.top_p, stop_tokens=[tok.eos_id],

@@ -35,6 +35,13 @@ _TRAINING = {
     "config=GRPOConfig(": "config=tiny_grpo(",
     "SFTConfig(init_from=": "tiny_sft(init_from=",
     '"runs/my-sft"': "SFT_DIR",
+    "RewardModelConfig(init_from=": "tiny_rm(init_from=",
+    '"runs/my-rm"': "RM_DIR",
+    "RejectionConfig(samples_per_prompt=8, keep_per_prompt=2)": "tiny_rejection()",
+    '"runs/my-rs"': "RS_DIR",
+    "preference_pairs(Split.TRAIN, 2000,": "preference_pairs(Split.TRAIN, 40,",
+    "preference_pairs(Split.HELDOUT, 200,": "preference_pairs(Split.HELDOUT, 8,",
+    "chat_tasks(Split.TRAIN, 200,": "chat_tasks(Split.TRAIN, 3,",
 }
 
 
@@ -65,6 +72,7 @@ def _split() -> tuple[list, list]:
         "from train.pretrain import PretrainConfig, pretrain  # the whole pre-training run",
         "from train.chat import Layout, Message, Role, render, save_for_transformers",
         "from rl.grpo import GRPOConfig, train_grpo, constant_lr",
+        'from rl.preferences import preference_pairs  # or load_pairs("pairs.jsonl"), TRL layout',
     ], f"README python blocks changed; wire each into tests/test_readme.py: {heads}"
     return blocks[:2], blocks[2:]
 
@@ -116,6 +124,23 @@ def _tiny_sft(**fields):
     return dataclasses.replace(config, epochs=None, data=data, loop=loop)
 
 
+def _tiny_rm(**fields):
+    from rl.reward_trainer import RewardModelConfig
+    from train.loop import LoopConfig
+
+    config = RewardModelConfig(**fields)
+    loop = LoopConfig(steps=2, eval_every=2, checkpoint_every=2, progress=False, plots=False)
+    data = dataclasses.replace(config.data, batch_pairs=2, heldout_fraction=0.25)
+    return dataclasses.replace(config, epochs=None, data=data, loop=loop)
+
+
+def _tiny_rejection():
+    from rl.rejection_sampling import RejectionConfig
+
+    return RejectionConfig(samples_per_prompt=2, keep_per_prompt=1, max_new_tokens=4,
+                           require={"format": 0.0}, progress=False)  # fmt: skip
+
+
 def _tiny_grpo(**fields):
     from rl.grpo import GRPOConfig
 
@@ -130,6 +155,10 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
         "tiny_pretrain": _tiny_pretrain,
         "tiny_grpo": _tiny_grpo,
         "tiny_sft": _tiny_sft,
+        "tiny_rm": _tiny_rm,
+        "tiny_rejection": _tiny_rejection,
+        "RM_DIR": str(tmp_path / "my-rm"),
+        "RS_DIR": str(tmp_path / "my-rs"),
         "RUN_DIR": str(tmp_path / "my-run"),
         "SFT_DIR": str(tmp_path / "my-sft"),
         "GRPO_DIR": str(tmp_path / "my-grpo"),
@@ -138,3 +167,5 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     assert namespace["summary"]["steps"] == 2 and namespace["run"].step == 2
     assert (tmp_path / "my-grpo" / "metrics.jsonl").is_file()
     assert namespace["rendered"].trained.any() and namespace["sft_summary"]["steps"] == 2
+    assert namespace["rm_summary"]["steps"] == 2 and 0 <= namespace["unseen"]["accuracy"] <= 1
+    assert namespace["stats"]["drawn"] == 6 and (tmp_path / "my-rs" / "samples.jsonl").is_file()

@@ -14,7 +14,11 @@ import pytest
 
 import model
 from model import hf
-from rl.cold_start import cold_start
+from rl import grpo_step
+from rl.cold_start import chat_tasks, cold_start
+from rl.grpo import GRPOConfig, train_grpo
+from rl.grpo_loss import GRPOLossConfig
+from rl.judge import JudgeReward
 from rl.model_rewards import ScalarReward
 from rl.preferences import Scope, preference_pairs, render_pair
 from rl.reward_data import PairDataConfig, eval_batches, pair_batch, prepare, train_iterator
@@ -222,3 +226,45 @@ def test_the_reward_model_experiment_runs_on_a_base_run(base_run, tmp_path):
     assert summary["judge_heldout_loss"] < summary["judge_heldout_loss_before"]
     assert 0 <= summary["judge_unseen_parse_rate"] <= 1
     assert load_reward_model(tmp_path / "exp" / "scalar").step == 9
+
+
+def test_trained_reward_models_are_grpo_rewards_on_chat_tasks(base, tmp_path, monkeypatch):
+    """A scalar reward model and a judge score GRPO rollouts of chat tasks; the policy is
+    prompted with the tasks' rendered ids (their special tokens), which the reward reads."""
+    config = _config(base, epochs=None, loop=dataclasses.replace(LOOP, steps=2))
+    train_reward_model(config, tmp_path / "rm", pairs=PAIRS)
+    rm = load_reward_model(tmp_path / "rm")
+    scalar, seen = ScalarReward(rm), []
+
+    def recorded(prompts, completions, **columns):
+        seen.append((prompts, completions, columns))
+        return scalar(prompts, completions, **columns)
+
+    rollouts = []
+
+    def rollout(cfg, variables, prompts, **kwargs):
+        rollouts.append(prompts)
+        return grpo_step.rollout.__wrapped__(cfg, variables, prompts, **kwargs)
+
+    rollout.__wrapped__ = grpo_step.rollout
+    monkeypatch.setattr(grpo_step, "rollout", rollout)
+    cfg, variables = hf.load(base)
+    judge = JudgeReward(cfg, variables, rm.tokenizer, max_new_tokens=4)
+    tasks = chat_tasks(Split.TRAIN, 4, 0, rm.tokenizer)
+    grpo = GRPOConfig(
+        loss=GRPOLossConfig(beta=0.0), steps=1, prompts_per_step=2, group_size=2,
+        max_new_tokens=8, eval_every=1000, checkpoint_every=1000, progress=False, plots=False,
+    )  # fmt: skip
+    train_grpo(
+        tmp_path / "grpo", cfg=cfg, tokenizer=rm.tokenizer, variables=variables,
+        reward={recorded: 1.0, judge: 1.0}, train_tasks=tasks, config=grpo,
+    )  # fmt: skip
+    ((_, completions, columns),) = seen
+    assert len(completions) == 4 and len(columns["prompt_ids"]) == 4
+    heads = {tuple(t["prompt_ids"]) for t in tasks}
+    assert all(tuple(ids) in heads for ids in columns["prompt_ids"])
+    record = next(r for r in read_metrics(tmp_path / "grpo") if "reward/recorded" in r)
+    assert np.isfinite(record["reward/recorded"])
+    # The policy was prompted with those ids, not with the encoding of the prompt's text.
+    (prompted,) = rollouts
+    assert [list(p) for p in prompted] == [list(ids) for ids in columns["prompt_ids"][::2]]
