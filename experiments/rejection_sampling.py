@@ -30,7 +30,7 @@ from pathlib import Path
 from rl import cold_start, tasks
 from rl.model_rewards import ScalarReward
 from rl.rejection_sampling import Policy, RejectionConfig, rejection_sample
-from rl.reward_trainer import load_reward_model
+from rl.reward_eval import load_reward_model
 from rl.rewards import format_reward, integer_accuracy, language_consistency
 from train.arithmetic import Operation
 from train.data import TOKENIZER_FILE

@@ -28,12 +28,8 @@ from experiments import r1_zero
 from rl.judge import JUDGE_LAYOUT, JudgeReward, judge_accuracy, judge_conversations
 from rl.preferences import preference_pairs
 from rl.reward_data import PairDataConfig
-from rl.reward_trainer import (
-    RewardModelConfig,
-    load_reward_model,
-    score_pairs,
-    train_reward_model,
-)
+from rl.reward_eval import load_reward_model, score_pairs
+from rl.reward_trainer import RewardModelConfig, train_reward_model
 from sharding.mesh import ParallelConfig
 from train.loop import LoopConfig
 from train.run import load_run

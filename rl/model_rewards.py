@@ -2,7 +2,7 @@
 
     fn(prompts, completions, *, prompt_ids=None, **columns) -> list[float | None]
 
-`ScalarReward` scores each completion with a Bradley-Terry reward model (rl/reward_trainer.py);
+`ScalarReward` scores each completion with a Bradley-Terry reward model (rl/reward_eval.py);
 `JudgeReward` asks a generative judge (rl/judge.py) for a critique and a score. Both read a
 completion as the assistant turn that follows its prompt: a chat task's `prompt_ids` column
 when there is one (rl/cold_start.chat_tasks), else the prompt text as one user turn. The
@@ -25,7 +25,7 @@ import numpy as np
 
 from rl import reward_model
 from rl.preferences import Scope
-from rl.reward_trainer import TrainedRewardModel
+from rl.reward_eval import TrainedRewardModel
 from train.chat import Layout, Message, Role, assistant_ids, parse_assistant, render
 from train.tokenizer import Tokenizer
 

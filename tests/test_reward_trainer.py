@@ -22,13 +22,9 @@ from rl.judge import JudgeReward
 from rl.model_rewards import ScalarReward
 from rl.preferences import Scope, preference_pairs, render_pair
 from rl.reward_data import PairDataConfig, eval_batches, pair_batch, prepare, train_iterator
+from rl.reward_eval import load_reward_model, score_pairs
 from rl.reward_model import pair_scores
-from rl.reward_trainer import (
-    RewardModelConfig,
-    load_reward_model,
-    score_pairs,
-    train_reward_model,
-)
+from rl.reward_trainer import RewardModelConfig, train_reward_model
 from tests.conftest import tiny_config
 from train.chat import Message, Role, assistant_ids
 from train.loop import LoopConfig
