@@ -45,7 +45,7 @@ class RewardModelExperimentConfig:
     )
     base_run: str | None = None  # an existing base run dir; None: stage 1 in run_dir/base
     pairs: int = 2000  # training pairs (a twentieth held out by prompt during training)
-    eval_pairs: int = 200  # pairs on unseen questions, for both models
+    eval_pairs: int = 120  # pairs on unseen questions, for both models (of ~160 distinct)
     scalar: RewardModelConfig = dataclasses.field(
         default_factory=lambda: RewardModelConfig(
             data=PairDataConfig(seq_len=256, batch_pairs=16, heldout_fraction=0.05),

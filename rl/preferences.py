@@ -152,7 +152,10 @@ def preference_pairs(
         kind = kinds[len(pairs) % len(kinds)]
         pairs.append(Pair((question,), good, _worse(good, problem, kind, rng), kind=kind))
     if len(pairs) < count:
-        raise ValueError(f"only {len(pairs)} distinct {split.value} questions for {count} pairs")
+        raise ValueError(
+            f"only {len(pairs)} distinct {split.value} questions for {count} pairs; raise "
+            "max_digits or ask for fewer"
+        )
     return pairs
 
 

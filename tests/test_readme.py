@@ -40,7 +40,7 @@ _TRAINING = {
     "RejectionConfig(samples_per_prompt=8, keep_per_prompt=2)": "tiny_rejection()",
     '"runs/my-rs"': "RS_DIR",
     "preference_pairs(Split.TRAIN, 2000,": "preference_pairs(Split.TRAIN, 40,",
-    "preference_pairs(Split.HELDOUT, 200,": "preference_pairs(Split.HELDOUT, 8,",
+    "preference_pairs(Split.HELDOUT, 100,": "preference_pairs(Split.HELDOUT, 8,",
     "chat_tasks(Split.TRAIN, 200,": "chat_tasks(Split.TRAIN, 3,",
 }
 

@@ -27,6 +27,7 @@ from rl.reward_model import pair_scores
 from rl.reward_trainer import RewardModelConfig, train_reward_model
 from tests.conftest import tiny_config
 from train.chat import Message, Role, assistant_ids
+from train.conversations import BadData
 from train.loop import LoopConfig
 from train.metrics import read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig
@@ -64,7 +65,7 @@ def _config(base, **changes) -> RewardModelConfig:
     return dataclasses.replace(config, **changes)
 
 
-def test_pairs_split_on_the_prompt_and_batch_as_pairs(base):
+def test_pairs_split_on_the_prompt_and_batch_as_pairs(base, tmp_path):
     tokenizer = Tokenizer.load(base / "tokenizer.json")
     data = prepare(DATA, tokenizer, PAIRS)
     assert data.stats["train_pairs"] + data.stats["heldout_pairs"] == len(PAIRS)
@@ -81,6 +82,16 @@ def test_pairs_split_on_the_prompt_and_batch_as_pairs(base):
     batches = list(eval_batches(DATA, data.heldout))
     assert sum(len(kinds) for _, kinds in batches) == len(data.heldout)
     assert batches[-1][0]["weight"].sum() == len(batches[-1][1])
+    # The same pairs from a file in TRL's layout give the same data (bad lines skipped, counted).
+    path = tmp_path / "pairs.jsonl"
+    lines = [json.dumps({"prompt": [m.to_dict() for m in p.prompt], "chosen": p.chosen.to_dict(),
+                         "rejected": p.rejected.to_dict()}) for p in PAIRS]  # fmt: skip
+    path.write_text("\n".join([*lines, "not json"]) + "\n")
+    from_file = prepare(dataclasses.replace(DATA, path=str(path), on_bad=BadData.SKIP), tokenizer)
+    assert from_file.stats["skipped_bad"] == 1
+    assert [p.chosen.tolist() for p in from_file.heldout] == [
+        p.chosen.tolist() for p in data.heldout
+    ]
     # A pair longer than seq_len is dropped and counted, never cut (the head reads its end).
     short = prepare(dataclasses.replace(DATA, seq_len=90), tokenizer, PAIRS)
     assert short.stats["dropped_over_long"] > 0
