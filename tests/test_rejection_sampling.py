@@ -227,6 +227,7 @@ def test_a_required_reward_that_is_not_computed_is_refused(tokenizer, tmp_path):
                          policy=_policy(tokenizer), tasks=TASKS, reward_fns=REWARDS)  # fmt: skip
 
 
+@pytest.mark.slow  # ~1 minute on 2 cores
 def test_the_experiment_samples_from_an_sft_run_and_resumes(tokenizer, tmp_path):
     from experiments.__main__ import main
 

@@ -214,6 +214,7 @@ def base_run(base, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # ~1 minute on 2 cores
 def test_the_reward_model_experiment_runs_on_a_base_run(base_run, tmp_path):
     from experiments.__main__ import main
 
