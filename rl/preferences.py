@@ -10,9 +10,11 @@ where an assistant message is {"role": "assistant", "content": ..., "reasoning_c
 Bad records are errors naming the file and line, or skipped and counted (`BadData.SKIP`).
 
 The generated pairs contrast a correct worked solution (rl/cold_start.py) with a worse
-response to the same question, one kind per pair: a slip left uncorrected (wrong answer), a
-truncated response (no answer, no format), a format-broken one (the right answer without the
-reasoning tags), and a rambling-but-correct one (chosen: the concise solution). Problems come
+response to the same question, one kind per pair: a confident mistake (the same lines and a
+final check claiming "correct", but a wrong answer: only the arithmetic tells, so no surface
+cue gives it away), a truncated response (no answer, no format), a format-broken one (the
+right answer without the reasoning tags), and a rambling-but-correct one (chosen: the concise
+solution). Problems come
 from the tasks' hash splits, so held-out pairs ask unseen questions.
 """
 
@@ -108,9 +110,12 @@ def load_pairs(
 def _worse(good: Message, problem: arithmetic.ArithmeticProblem, kind: str, rng) -> Message:
     """A worse response than `good` to `problem`, of one of KINDS."""
     lines = good.reasoning.split("\n")
-    if kind == "mistake":  # an uncorrected slip carried to a wrong answer
+    if kind == "mistake":  # a confident wrong answer: same lines, a check that lies
         wrong = problem.answer + int(rng.choice([-10, -1, 1, 10]))
-        body = [*lines[:-2], f"{problem.question} = {wrong}"]
+        a, op, b = problem.question.split(" ")
+        inverse = "-" if op == "+" else "+"
+        lie = f"check: {wrong} {inverse} {b} = {a}, which is {a}: correct."
+        body = [*lines[:-2], f"{problem.question} = {wrong}", lie]
         return Message(Role.ASSISTANT, str(wrong), reasoning="\n".join(body))
     if kind == "truncated":  # cut off mid-reasoning: no answer, no closing tag
         return Message(Role.ASSISTANT, "\n".join(lines[: max(len(lines) // 2, 1)]))

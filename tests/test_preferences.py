@@ -45,6 +45,10 @@ def test_generated_pairs_are_split_distinct_and_the_rejected_side_is_worse(token
             assert score == 0.0
         if pair.kind in ("truncated", "format"):
             assert format_reward([""], [rejected]) == [0.0]
+        if pair.kind == "mistake":  # as many lines, and a check that claims "correct"
+            got, want = pair.rejected.reasoning.split("\n"), pair.chosen.reasoning.split("\n")
+            assert len(got) == len(want) and got[-1].endswith(": correct.")
+            assert got[:-2] == want[:-2] and pair.rejected.content != pair.chosen.content
 
 
 def test_rendering_ends_in_end_of_sentence_and_the_summary_scope_drops_reasoning(tokenizer):
