@@ -15,8 +15,14 @@ each sample's provenance, run_dir/stats.json and summary.json. Rerun into the sa
 it continues where it stopped. An r1-zero policy dir has no tokenizer of its own: the one of
 its sibling base/ dir is used.
 
-Runtime and result: see RESULT at the end of this docstring (defaults, from the sft
-experiment's run).
+Runtime and result, measured 2026-12-02 on 2 CPU cores (defaults: 200 prompts x 8 samples,
+K = 2, max 160 new tokens) from the `sft` experiment's run (step 293, greedy accuracy 0.09):
+1.05 min; 1600 drawn, 72 kept (4.5%) from 62 prompts; rejected: 1324 incorrect, 145
+unfinished, 52 duplicates, 1 near duplicate, 6 over K; R1's three chain-of-thought filters
+rejected none (arithmetic in one script, short paragraphs, no code: they are tested on
+crafted samples). Accuracy rewards read only the answer: a kept sample can reach the right
+answer through a wrong step (one here writes "7 - 3 = 0" on the way to 4); requiring a
+reward model's score as well (`reward_model_run`, `rejection.require`) is the remedy.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ unseen cold-start conversations and greedy accuracy on unseen arithmetic questio
 the chat format (`accuracy`: strict format and the right integer; `format`).
 
 Runtime on 2 CPU cores, measured 2026-12-02 (defaults, 3000 samples, 2862 in train): stage 1
-14.5 min (400 steps), stage 2 12.3 min (293 steps = 2 epochs of 8 x 512 packed rows, plus two
-greedy evaluations of 100 held-out questions). Result: held-out loss 10.59 -> 0.222 (the base
-never saw the chat tokens), format 0.00 -> 1.00, accuracy 0.00 -> 0.30 (the base is weak:
-400 steps; r1-zero's GRPO takes it from there), nothing truncated at seq_len 512.
+11-14.5 min (400 steps), stage 2 12.3-13.3 min (293 steps = 2 epochs of 8 x 512 packed rows,
+plus two greedy evaluations of 100 held-out questions). Result, two runs: held-out loss
+10.59 -> 0.222 and 10.84 -> 0.217 (the base never saw the chat tokens), format 0.00 -> 1.00,
+accuracy 0.00 -> 0.30 and 0.00 -> 0.09 (the two bases differ after code changes that left
+the math alone; the base is weak at 400 steps and greedy accuracy at this scale swings with
+it; r1-zero's GRPO takes it from there), nothing truncated at seq_len 512.
 """
 
 from __future__ import annotations
