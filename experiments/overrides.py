@@ -20,6 +20,15 @@ def _convert(raw: str, hint: Any, key: str) -> Any:
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         # A homogeneous tuple from a comma-separated list: seeds=0,1,2.
         return tuple(_convert(part.strip(), args[0], key) for part in raw.split(",") if part)
+    if origin is dict and len(args) == 2:
+        # A mapping from name:value pairs: require=accuracy:1,reward_model:0.5.
+        out = {}
+        for part in (p.strip() for p in raw.split(",") if p.strip()):
+            name, sep, value = part.partition(":")
+            if not sep:
+                raise ValueError(f"--set {key}={raw}: expected name:value pairs, got {part!r}")
+            out[_convert(name.strip(), args[0], key)] = _convert(value.strip(), args[1], key)
+        return out
     if isinstance(hint, type) and issubclass(hint, enum.Enum):
         valid = [m.value for m in hint]
         for member in hint:

@@ -31,6 +31,19 @@ def test_overrides_parse_tuples():
         overrides.apply(C(), ["seeds=1,x"])
 
 
+def test_overrides_parse_mappings():
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        require: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    got = overrides.apply(C(), ["require=accuracy:1,reward_model:0.5"]).require
+    assert got == {"accuracy": 1.0, "reward_model": 0.5}
+    with pytest.raises(ValueError, match="name:value"):
+        overrides.apply(C(), ["require=accuracy"])
+    with pytest.raises(ValueError, match="expected float"):
+        overrides.apply(C(), ["require=accuracy:high"])
+
+
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [
