@@ -22,7 +22,7 @@ unfinished, 52 duplicates, 1 near duplicate, 6 over K; R1's three chain-of-thoug
 rejected none (arithmetic in one script, short paragraphs, no code: they are tested on
 crafted samples). Accuracy rewards read only the answer: a kept sample can reach the right
 answer through a wrong step (one here writes "7 - 3 = 0" on the way to 4); requiring a
-reward model's score as well is the remedy (`--set reward_model_run=DIR --set
+reward model's score as well is one remedy (`--set reward_model_run=DIR --set
 rejection.require=accuracy:1,reward_model:0`).
 """
 
