@@ -163,6 +163,9 @@ def _run_together(runs: dict[str, tuple[list[str], dict]], logdir: Path, deadlin
 def test_two_processes_equal_one_device(tmp_path):
     base = {k: v for k, v in os.environ.items() if not k.startswith("JAXSEEK_")}
     base["JAX_PLATFORMS"] = "cpu"
+    # XLA's CPU thread pools hold max(cores, devices) threads; as few as the devices can
+    # deadlock a collective (measured with 8 devices: tests/multidevice.py).
+    base["PJRT_NPROC"] = "8"
     worker = [sys.executable, "-m", "tests.distributed_worker"]
     port = _free_port()
     pair = {
