@@ -14,7 +14,15 @@ on the same pairs' responses. Both are then scored on `eval_pairs` pairs of unse
 verdict accuracy (its score is the response's), pairwise accuracy (chosen scored above
 rejected; a tie or no verdict counts as wrong) and parse rate.
 
-Runtime and result: see the module's RESULT note below, measured with the defaults.
+Runtime and result, measured 2026-12-02 on 2 CPU cores with the defaults, from the `sft`
+experiment's base (stage 1 skipped; both stages shared the machine with another job): scalar
+RM 4.4 min (120 steps of 16 pairs), held-out pairwise accuracy 0.378 -> 0.911; on the 120
+unseen pairs 0.85: format, truncated and rambling pairs 1.00, confident mistakes 0.40. Judge
+14.5 min (503 steps, 2 epochs), held-out SFT loss 17.4 -> 0.0078; on the unseen pairs parse
+rate 1.00, verdict accuracy 0.875, pairwise accuracy 0.75: 1.00 on format, truncated and
+rambling, 0.00 on mistakes (it calls every confident wrong solution good). Neither tiny model
+checks arithmetic: a mistake differs from its chosen solution only in the answer and its
+check's numbers (rl/preferences.py), which is the point of that kind.
 """
 
 from __future__ import annotations
@@ -65,7 +73,7 @@ class RewardModelExperimentConfig:
             loop=LoopConfig(eval_every=10_000, eval_batches=4, checkpoint_every=100),
         )
     )
-    judge_max_new_tokens: int = 48
+    judge_max_new_tokens: int = 96  # a critique and its verdict: ~52 tokens here
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
 
 

@@ -122,7 +122,7 @@ class JudgeReward:
         *,
         layout: Layout = Layout.READABLE,
         scope: Scope = Scope.RESPONSE,
-        max_new_tokens: int = 48,
+        max_new_tokens: int = 96,
         batch_size: int = 64,
     ):
         self.cfg, self.variables, self.tokenizer = cfg, variables, tokenizer
@@ -170,7 +170,8 @@ class JudgeReward:
 
 def judge_accuracy(judge: JudgeReward, pairs: Sequence[Pair]) -> dict[str, float]:
     """On pairs the judge never saw: verdict_accuracy (its score is the response's), pairwise
-    accuracy (chosen scored above rejected), parse_rate (outputs with a verdict)."""
+    accuracy (chosen scored above rejected; a tie or no verdict is wrong), overall and per
+    kind, parse_rate (outputs with a verdict)."""
     questions, responses, labels = [], [], []
     for pair in pairs:
         for which in ("chosen", "rejected"):
@@ -181,8 +182,12 @@ def judge_accuracy(judge: JudgeReward, pairs: Sequence[Pair]) -> dict[str, float
     verdicts = [parse_verdict(o, judge.tokenizer) for o in outputs]
     got = np.array([np.nan if v is None else v for v in verdicts])
     chosen, rejected = got[0::2], got[1::2]
-    return {
+    out = {
         "verdict_accuracy": float(np.mean(got == np.asarray(labels))),
         "pairwise_accuracy": float(np.mean(chosen > rejected)),  # NaN compares False
         "parse_rate": float(np.mean(np.isfinite(got))),
     }
+    kinds = np.asarray([pair.kind for pair in pairs])
+    for kind in sorted(set(kinds) - {""}):
+        out[f"pairwise_accuracy_{kind}"] = float(np.mean((chosen > rejected)[kinds == kind]))
+    return out
