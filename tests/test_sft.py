@@ -69,6 +69,10 @@ def test_sft_from_a_checkpoint_learns_resumes_exactly_and_reloads(base, tmp_path
     assert hf_tokenizer.apply_chat_template([m.to_dict() for m in data[0]], tokenize=False)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["train_conversations"] + summary["heldout_conversations"] == 60
+    # Rerun once finished, it trains nothing and reports what the run logged (no NaN).
+    rerun = sft(config, tmp_path / "run", conversations=data)
+    assert rerun["train_loss"] == pytest.approx(again["train_loss"]) and rerun["steps"] == 8
+    assert rerun["tokens_per_s"] > 0
 
 
 def test_epochs_set_the_steps_and_the_schedule_decays_over_them(base, tmp_path):

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from sharding.mesh import Parallel
 from train.checkpoint import Checkpointer
-from train.metrics import MetricsWriter, Throughput
+from train.metrics import MetricsWriter, Throughput, read_metrics
 from train.run_dir import check_run_dir, write_config
 from train.state import TrainState
 
@@ -303,6 +303,8 @@ class TrainLoop:
 
             make_plots(self.run_dir)
         tokens_per_s, mfu = clock.totals()
+        if start >= cfg.steps:  # nothing ran: report what the finished run logged
+            last_train, tokens_per_s, mfu = _logged(self.run_dir)
         return RunResult(
             step=int(state.step),
             interrupted=interrupted,
@@ -319,6 +321,15 @@ class TrainLoop:
         if not self._written:
             write_config(self.run_dir, self.config, self.changes)
             self._written = True
+
+
+def _logged(run_dir: Path) -> tuple[dict[str, Any], float, float | None]:
+    """(last train record, mean logged tokens/s, mean logged MFU) of a run's metrics."""
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    rates = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    mfus = [r["mfu"] for r in records if r.get("mfu") is not None]
+    last = records[-1] if records else {}
+    return last, float(np.mean(rates)) if rates else 0.0, float(np.mean(mfus)) if mfus else None
 
 
 def _ready(metrics: Mapping[str, Any]) -> bool:
