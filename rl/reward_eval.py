@@ -23,8 +23,8 @@ from rl.preferences import Pair
 from rl.reward_data import PairDataConfig
 from sharding.mesh import Parallel
 from sharding.partition import global_batch
-from train.checkpoint import Checkpointer
 from train.data import TOKENIZER_FILE
+from train.run import newest_weights
 from train.run_dir import CONFIG_FILE
 from train.tokenizer import Tokenizer
 
@@ -95,20 +95,15 @@ def load_reward_model(run_dir: str | Path) -> TrainedRewardModel:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {run_dir} is not a run directory")
     saved = json.loads(path.read_text())
-    if "data" not in saved or "loss" not in saved or "model" not in saved:
-        raise ValueError(f"{path} is not a reward-model run's config (no data / loss / model)")
+    if "model" not in saved or "batch_pairs" not in saved.get("data", {}):
+        raise ValueError(
+            f"{path} is not a reward-model run's config (no model, or no pair data): "
+            f"{run_dir} was not written by rl.reward_trainer.train_reward_model"
+        )
     tokenizer = Tokenizer.load(run_dir / TOKENIZER_FILE)
     cfg = ModelConfig.from_dict(saved["model"]).replace(vocab_size=tokenizer.vocab_size)
     data = _data_config(saved["data"])
-    base = jax.eval_shape(lambda: _abstract_variables(cfg))
-    checkpointer = Checkpointer(run_dir / "checkpoints", every=1, keep=1_000_000)
-    try:
-        found = checkpointer.restore_weights(base)
-    finally:
-        checkpointer.close()
-    if found is None:
-        raise FileNotFoundError(f"no readable checkpoint under {run_dir / 'checkpoints'}")
-    variables, step = found
+    variables, step = newest_weights(run_dir, jax.eval_shape(lambda: _abstract_variables(cfg)))
     return TrainedRewardModel(
         cfg, variables["params"], variables["router_bias"], tokenizer, data, step
     )

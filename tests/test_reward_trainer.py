@@ -276,3 +276,10 @@ def test_trained_reward_models_are_grpo_rewards_on_chat_tasks(base, tmp_path, mo
     # The policy was prompted with those ids, not with the encoding of the prompt's text.
     (prompted,) = rollouts
     assert [list(p) for p in prompted] == [list(ids) for ids in columns["prompt_ids"][::2]]
+
+
+def test_a_run_dir_that_is_not_a_reward_model_is_refused(base_run, tmp_path):
+    with pytest.raises(ValueError, match="not a reward-model run"):
+        load_reward_model(base_run)
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        load_reward_model(tmp_path)

@@ -46,10 +46,16 @@ def model_config(run_dir: str | Path) -> ModelConfig:
 def latest_weights(run_dir: str | Path, cfg: ModelConfig) -> tuple[dict, int]:
     """({'params', 'router_bias'}, step) of the run's newest readable checkpoint, shaped for
     cfg (which may differ from the run's own in shape-free settings such as YaRN)."""
+    like = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
+    return newest_weights(run_dir, like)
+
+
+def newest_weights(run_dir: str | Path, like: dict) -> tuple[dict, int]:
+    """({'params', 'router_bias'}, step) of the run's newest readable checkpoint, shaped like
+    `like` (arrays or ShapeDtypeStructs: a model's variables, or a reward model's)."""
     checkpoints = Path(run_dir) / "checkpoints"
     if not checkpoints.is_dir():
         raise FileNotFoundError(f"{checkpoints} does not exist: the run saved no checkpoint")
-    like = jax.eval_shape(functools.partial(model.init, cfg), jax.random.key(0))
     checkpointer = Checkpointer(checkpoints, every=1, keep=1_000_000)
     try:
         found = checkpointer.restore_weights(like)
