@@ -52,6 +52,7 @@ class ColdStartSFTConfig:
     samples: int = 3000  # cold-start conversations (train + held-out by hash)
     countdown_fraction: float = 0.3
     mistake_rate: float = 0.4
+    code_fraction: float = 0.0  # code problems (rl/code_tasks.py); the measured run had none
     eval_tasks: int = 100  # held-out arithmetic questions for greedy accuracy
     max_new_tokens: int = 160
     sft: SFTConfig = dataclasses.field(
@@ -88,6 +89,7 @@ def run(config: ColdStartSFTConfig, run_dir) -> dict:
         seed,
         countdown_fraction=config.countdown_fraction,
         mistake_rate=config.mistake_rate,
+        code_fraction=config.code_fraction,
     )
 
     heldout = []

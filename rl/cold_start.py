@@ -1,11 +1,12 @@
 """Cold-start data: long chains of thought in R1's readable format for the embedded tasks.
 
 R1 fine-tunes its base on thousands of long-CoT samples before reasoning RL; on a CPU this
-generator stands in for them. Each sample is a conversation: the user asks an arithmetic or
-countdown question (rl/tasks.py, train/arithmetic.py), the assistant reasons step by step with
-self-checks, some of which catch a mistake and redo the step ("check: ... wrong, redo"), then
-answers. Rendered with `chat.Layout.READABLE` the answer is the summary inside <answer> tags,
-the value the rule rewards (integer_accuracy, countdown_reward) read.
+generator stands in for them. Each sample is a conversation: the user asks an arithmetic,
+countdown or code question (rl/tasks.py, train/arithmetic.py, rl/code_tasks.py), the
+assistant reasons step by step with self-checks, some of which catch a mistake and redo the
+step ("check: ... wrong, redo"), then answers (a code answer is a fenced program). Rendered
+with `chat.Layout.READABLE` the answer is the summary inside <answer> tags, the value the rule
+rewards (integer_accuracy, countdown_reward, code_execution) read.
 
 Problems come from the tasks' own hash splits (HELDOUT problems never appear in TRAIN data),
 the sample stream is seeded, and each question appears once.
@@ -20,7 +21,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from rl import tasks
+from rl import code_tasks, tasks
+from rl.code_tasks import code_sample
 from train import arithmetic
 from train.chat import Layout, Message, Role, render
 from train.splits import Split
@@ -126,34 +128,42 @@ def cold_start(
     *,
     countdown_fraction: float = 0.3,
     mistake_rate: float = 0.4,
+    code_fraction: float = 0.0,
     max_digits: int = 2,
     operations: tuple[arithmetic.Operation, ...] = (
         arithmetic.Operation.ADD,
         arithmetic.Operation.SUB,
     ),
 ) -> list[list[Message]]:
-    """`count` distinct cold-start conversations from `split`'s problems."""
-    if not 0 <= countdown_fraction <= 1 or not 0 <= mistake_rate <= 1:
+    """`count` distinct cold-start conversations from `split`'s problems: countdown, code
+    (rl/code_tasks.py) and arithmetic in the given fractions."""
+    fractions = (countdown_fraction, mistake_rate, code_fraction)
+    if not all(0 <= f <= 1 for f in fractions) or countdown_fraction + code_fraction > 1:
         raise ValueError(
-            f"countdown_fraction {countdown_fraction!r} and mistake_rate {mistake_rate!r} "
-            "must be in [0, 1]"
+            f"countdown_fraction {countdown_fraction!r}, code_fraction {code_fraction!r} and "
+            f"mistake_rate {mistake_rate!r} must be in [0, 1], the first two summing to <= 1"
         )
     rng = np.random.default_rng(seed)
-    n_countdown = round(count * countdown_fraction)
+    n_countdown, n_code = round(count * countdown_fraction), round(count * code_fraction)
+    n_arithmetic = count - n_countdown - n_code
     # Draw extra problems: duplicates and unsolved countdowns are dropped.
     problems = arithmetic.generate(
-        split, 3 * (count - n_countdown) + 10, seed, max_digits=max_digits, operations=operations
+        split, 3 * n_arithmetic + 10, seed, max_digits=max_digits, operations=operations
     )
     countdowns = tasks.countdown_tasks(split, 3 * n_countdown + 10, seed) if n_countdown else []
+    codes = code_tasks.code_tasks(split, n_code, seed) if n_code else []
     out: list[list[Message]] = []
     seen: set[str] = set()
-    for source, want in ((countdowns, n_countdown), (problems, count - n_countdown)):
+    sources = ((countdowns, n_countdown), (codes, n_code), (problems, n_arithmetic))
+    for source, want in sources:
         taken = 0
         for item in source:
             if taken == want:
                 break
             if isinstance(item, arithmetic.ArithmeticProblem):
                 sample = arithmetic_sample(item, rng, mistake_rate)
+            elif "tests" in item:
+                sample = code_sample(item)
             else:
                 sample = countdown_sample(item, rng)
             if sample is None or sample[0].content in seen:

@@ -7,6 +7,8 @@ import re
 
 import pytest
 
+from rl.code_reward import code_execution
+from rl.code_tasks import code_tasks
 from rl.cold_start import chat_tasks, cold_start
 from rl.rewards import countdown_reward, format_reward, integer_accuracy
 from train.chat import Layout, render
@@ -73,6 +75,19 @@ def test_chat_tasks_are_prompts_in_the_chat_format(tokenizer):
         assert isinstance(task["answer"], int)
 
 
+def test_code_samples_are_mixed_in_and_pass_their_tests(tokenizer):
+    samples = cold_start(Split.TRAIN, 40, 0, countdown_fraction=0.25, code_fraction=0.25)
+    code = [c for c in samples if c[0].content.startswith("Write a Python function")]
+    assert len(code) == 10 and len(samples) == 40
+    by_question = {t["question"]: t for t in code_tasks(Split.TRAIN, 10, 0)}
+    completions = [_completion(tokenizer, c) for c in code]
+    tests = [by_question[c[0].content]["tests"] for c in code]
+    assert code_execution([""] * 10, completions, tests=tests) == [1.0] * 10
+    assert format_reward([""] * 10, completions) == [1.0] * 10
+
+
 def test_bad_fractions_are_refused():
     with pytest.raises(ValueError, match="mistake_rate"):
         cold_start(Split.TRAIN, 10, 0, mistake_rate=1.5)
+    with pytest.raises(ValueError, match="summing to <= 1"):
+        cold_start(Split.TRAIN, 10, 0, countdown_fraction=0.6, code_fraction=0.6)
