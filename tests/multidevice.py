@@ -33,8 +33,8 @@ def run_on_8_devices(test_file: str, timeout: int) -> None:
     # PJRT_NPROC sizes XLA's CPU thread pools (default: max(cores, devices) = 8 here). With 8
     # threads for 8 devices the child deadlocks in a collective: measured 4 of 4 runs of the
     # sharding tests aborted on a quiet 2-core machine (XLA kills a process whose devices
-    # wait 60 s at a rendezvous; CI hung in one), 0 of 5 with 32 threads, which also ran the
-    # file in 68 s instead of 210 s. A terminate limit of a third of the child's `timeout`
+    # wait 60 s at a rendezvous; CI hung in one), 0 of 5 with 32 threads (the whole file then
+    # took 68 s on a quiet machine). A terminate limit of a third of the child's `timeout`
     # keeps a real hang from running to the kill.
     flags = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
              f"--xla_cpu_collective_call_terminate_timeout_seconds={timeout // 3}")  # fmt: skip
