@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ from sharding.mesh import Parallel, ParallelConfig, make_parallel
 from train.loop import LoopConfig, TrainLoop
 from train.metrics import read_metrics
 from train.optimizer import LRSchedule, OptimizerConfig, make_optimizer
-from train.run_dir import to_json
+from train.run_dir import digest, to_json
 from train.sharded_state import state_shardings
 from train.state import TrainState
 from train.tokenizer import Tokenizer
@@ -211,11 +210,6 @@ def _initial_state(
     return jax.jit(build, out_shardings=shardings)(variables)
 
 
-def _digest(data: Any) -> str:
-    text = json.dumps(data, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _names(fns: Mapping) -> dict[str, Any]:
     # Weighted.weights is {name: weight}; a plain mapping is {function: weight}.
     return {k if isinstance(k, str) else getattr(k, "__name__", repr(k)): w for k, w in fns.items()}
@@ -241,8 +235,8 @@ def run_config(
             "sha256": hashlib.sha256(tokenizer.backend.to_str().encode()).hexdigest()[:16],
         },
         "reward": _names(weights) if isinstance(weights, Mapping) else repr(reward),
-        "train_tasks": {"count": len(train_tasks), "sha256": _digest(list(train_tasks))},
-        "eval_tasks": {"count": len(eval_tasks), "sha256": _digest(list(eval_tasks))},
+        "train_tasks": {"count": len(train_tasks), "sha256": digest(list(train_tasks))},
+        "eval_tasks": {"count": len(eval_tasks), "sha256": digest(list(eval_tasks))},
         "eval_fns": sorted(eval_fns),
     }
 

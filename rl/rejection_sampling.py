@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ from rl.evaluate import check_tasks, decode_completions, prompt_ids, task_column
 from rl.rewards import RewardFn
 from rl.sample_filters import FilterConfig, duplicate_of, reasoning_checks
 from train.chat import Layout, Message, Role, last_user_text, parse_assistant
-from train.run_dir import check_run_dir, to_json, write_config
+from train.run_dir import check_run_dir, digest, to_json, write_config
 from train.tokenizer import Tokenizer
 
 OVERRIDE = "a new out_dir (rejection sampling never mixes two configs in one dataset)"
@@ -95,10 +94,6 @@ def question_of(task: Mapping[str, Any], tokenizer: Tokenizer) -> str:
     prompt = last_user_text(task["prompt"], tokenizer)
     match = _R1_ZERO_USER.search(prompt)
     return (match["question"] if match else prompt).strip()
-
-
-def _digest(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=repr).encode()).hexdigest()[:16]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -214,7 +209,7 @@ def rejection_sample(
         "rejection": {k: v for k, v in to_json(config).items() if k != "progress"},
         "policy": {"checkpoint": policy.checkpoint, "step": policy.step},
         "rewards": sorted(reward_fns),
-        "tasks": {"count": len(tasks), "sha256": _digest(list(tasks))},
+        "tasks": {"count": len(tasks), "sha256": digest(list(tasks))},
     }
     check_run_dir(out_dir, run_config, safe=(), allow_change=False, override=OVERRIDE)
     chunks = out_dir / "chunks"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,7 @@ def score_pairs(rm: TrainedRewardModel, pairs: Sequence[Pair]) -> dict[str, floa
     return out | {"pairs": len(kept), "dropped_over_long": len(pairs) - len(kept)}
 
 
+@functools.lru_cache(maxsize=8)  # one compilation per model, not one per evaluation
 def _jitted_pair_scores(cfg: ModelConfig):
     return jax.jit(lambda p, rb, batch: reward_model.pair_scores(cfg, p, rb, batch))
 

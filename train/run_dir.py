@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import time
@@ -117,6 +118,13 @@ def check_run_dir(
         note = "" if is_safe(change.path, safe) else f" (allowed by {override})"
         log.warning("%s: resuming with %s%s", run_dir, change, note)
     return changes
+
+
+def digest(data: Any) -> str:
+    """A short stable hash of JSON-able data (what a run config records of large inputs,
+    e.g. its task list), keys sorted."""
+    text = json.dumps(data, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_config(run_dir: str | Path, config: Mapping[str, Any], changes: list[Change]) -> None:
