@@ -24,7 +24,7 @@ from experiments import overrides
 from train.checkpoint import IncompatibleCheckpointError
 from train.run_dir import ConfigMismatchError
 
-_NOT_EXPERIMENTS = {"overrides", "bench", "common"}
+_NOT_EXPERIMENTS = {"overrides", "bench", "common", "stages"}
 
 
 def available() -> list[str]:

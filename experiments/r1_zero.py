@@ -33,6 +33,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from model import presets
@@ -132,17 +133,27 @@ def get_config() -> R1ZeroConfig:
     return R1ZeroConfig()
 
 
-def pretrain_base(config: R1ZeroConfig, run_dir: Path) -> Path:
-    """Stage 1 in run_dir (resumes; a finished base is reused as is)."""
+def pretrain_base(
+    config: R1ZeroConfig, run_dir: Path, documents: Callable[[], list[str]] | None = None
+) -> Path:
+    """Stage 1 in run_dir (resumes; a finished base is reused as is). `documents()` gives the
+    corpus (default: the templated arithmetic of `tasks.base_corpus`)."""
     b = config.base
     run_dir.mkdir(parents=True, exist_ok=True)
     corpus = run_dir / "corpus.jsonl"
     if not corpus.exists():
-        docs = tasks.base_corpus(
-            b.documents, b.seed, b.mix(), max_digits=config.max_digits, operations=config.ops()
-        )
+        if documents is None:
+            docs = tasks.base_corpus(
+                b.documents, b.seed, b.mix(), max_digits=config.max_digits,
+                operations=config.ops(),
+            )  # fmt: skip
+        else:
+            docs = documents()
         tmp = corpus.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+        tmp.write_text(
+            "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs),
+            encoding="utf-8",
+        )
         tmp.replace(corpus)
         # Digits stay single tokens, as column arithmetic needs.
         train_bpe(docs[:20_000], b.vocab_size, split_digits=True).save(run_dir / TOKENIZER_FILE)

@@ -89,9 +89,16 @@ def _problem(family: Family, param, rng) -> dict:
 
 
 def code_tasks(
-    split: Split, count: int, seed: int, *, families: Sequence[str] | None = None
+    split: Split,
+    count: int,
+    seed: int,
+    *,
+    families: Sequence[str] | None = None,
+    repeat: bool = False,
 ) -> list[dict]:
-    """`count` distinct problems of `split` (a hash of the question), families in turn."""
+    """`count` distinct problems of `split` (a hash of the question), families in turn; with
+    `repeat`, more than there are: the distinct ones again, in the same order (an RL task
+    list that revisits its prompts)."""
     chosen = [f for f in FAMILIES if families is None or f.name in families]
     if not chosen or (families is not None and len(chosen) != len(set(families))):
         raise ValueError(f"families must name some of {[f.name for f in FAMILIES]}, got {families}")
@@ -103,9 +110,10 @@ def code_tasks(
         pools.append([(family, params[i]) for i in rng.permutation(len(params))])
     order = [item for group in zip(*pools, strict=False) for item in group]
     order += [item for pool in pools for item in pool[min(map(len, pools)) :]]
-    if len(order) < count:
+    if len(order) < count and not repeat:
         raise ValueError(f"only {len(order)} {split.value} code problems, asked for {count}")
-    return [_problem(family, param, rng) for family, param in order[:count]]
+    distinct = [_problem(family, param, rng) for family, param in order[:count]]
+    return [distinct[i % len(distinct)] for i in range(count)]
 
 
 def code_sample(task: dict) -> list[Message]:

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from rl import code_tasks, tasks
+from rl import code_tasks, languages, tasks
 from rl.code_tasks import code_sample
 from train import arithmetic
 from train.chat import Layout, Message, Role, render
@@ -61,14 +61,19 @@ def _verify(problem: arithmetic.ArithmeticProblem) -> str:
 
 
 def arithmetic_sample(
-    problem: arithmetic.ArithmeticProblem, rng: np.random.Generator, mistake_rate: float
+    problem: arithmetic.ArithmeticProblem,
+    rng: np.random.Generator,
+    mistake_rate: float,
+    language: str = languages.EN,
 ) -> list[Message]:
-    """A worked column solution with a final check (and, at `mistake_rate`, a caught slip)."""
+    """A worked column solution with a final check (and, at `mistake_rate`, a caught slip),
+    asked and reasoned in `language` (rl/languages.py)."""
     lines = problem.solution.split("\n")
     if rng.random() < mistake_rate:
         lines = _with_mistake(lines, rng)
-    reasoning = "\n".join([f"I need {problem.question}.", *lines, _verify(problem)])
-    question = f"What is {problem.question}?"
+    lines = [f"I need {problem.question}.", *lines, _verify(problem)]
+    reasoning = "\n".join(languages.reasoning(lines, language))
+    question = languages.arithmetic_question(problem.question, language)
     return [
         Message(Role.USER, question),
         Message(Role.ASSISTANT, str(problem.answer), reasoning=reasoning),
@@ -93,11 +98,11 @@ def _expressions(numbers: Sequence[int]) -> list[tuple[str, int]]:
 
 
 def countdown_sample(
-    task: dict, rng: np.random.Generator, max_tries: int = 3
+    task: dict, rng: np.random.Generator, max_tries: int = 3, language: str = languages.EN
 ) -> list[Message] | None:
     """A search: a few wrong expressions, each checked and rejected, then one that works and
-    its check. None when no expression of this family (2 or 3 numbers, + - *) reaches the
-    target."""
+    its check, asked and reasoned in `language`. None when no expression of this family (2 or
+    3 numbers, + - *) reaches the target."""
     numbers, target = task["numbers"], task["target"]
     if len(numbers) not in (2, 3):
         return None
@@ -115,9 +120,10 @@ def countdown_sample(
     answer = solutions[0]
     lines.append(f"try {answer} = {target}.")
     lines.append(f"check: it uses {listed} once each and equals {target}: correct.")
+    question = languages.countdown_question(numbers, target, language)
     return [
-        Message(Role.USER, task["question"]),
-        Message(Role.ASSISTANT, answer, reasoning="\n".join(lines)),
+        Message(Role.USER, question),
+        Message(Role.ASSISTANT, answer, reasoning="\n".join(languages.reasoning(lines, language))),
     ]
 
 
@@ -129,6 +135,7 @@ def cold_start(
     countdown_fraction: float = 0.3,
     mistake_rate: float = 0.4,
     code_fraction: float = 0.0,
+    chinese_fraction: float = 0.0,
     max_digits: int = 2,
     operations: tuple[arithmetic.Operation, ...] = (
         arithmetic.Operation.ADD,
@@ -136,12 +143,14 @@ def cold_start(
     ),
 ) -> list[list[Message]]:
     """`count` distinct cold-start conversations from `split`'s problems: countdown, code
-    (rl/code_tasks.py) and arithmetic in the given fractions."""
-    fractions = (countdown_fraction, mistake_rate, code_fraction)
+    (rl/code_tasks.py) and arithmetic in the given fractions; `chinese_fraction` of the
+    arithmetic and countdown ones are asked and reasoned in Chinese (rl/languages.py)."""
+    fractions = (countdown_fraction, mistake_rate, code_fraction, chinese_fraction)
     if not all(0 <= f <= 1 for f in fractions) or countdown_fraction + code_fraction > 1:
         raise ValueError(
             f"countdown_fraction {countdown_fraction!r}, code_fraction {code_fraction!r} and "
-            f"mistake_rate {mistake_rate!r} must be in [0, 1], the first two summing to <= 1"
+            f"mistake_rate {mistake_rate!r} and chinese_fraction {chinese_fraction!r} must be in "
+            "[0, 1], the first two summing to <= 1"
         )
     rng = np.random.default_rng(seed)
     n_countdown, n_code = round(count * countdown_fraction), round(count * code_fraction)
@@ -160,12 +169,14 @@ def cold_start(
         for item in source:
             if taken == want:
                 break
+            chinese = chinese_fraction > 0 and rng.random() < chinese_fraction  # no draw at 0
+            language = languages.ZH if chinese else languages.EN
             if isinstance(item, arithmetic.ArithmeticProblem):
-                sample = arithmetic_sample(item, rng, mistake_rate)
+                sample = arithmetic_sample(item, rng, mistake_rate, language)
             elif "tests" in item:
                 sample = code_sample(item)
             else:
-                sample = countdown_sample(item, rng)
+                sample = countdown_sample(item, rng, language=language)
             if sample is None or sample[0].content in seen:
                 continue
             seen.add(sample[0].content)

@@ -70,11 +70,13 @@ def evaluate_policy(
     batch_size: int = 256,
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Greedy completions of every task, scored by each of fns: ({name: mean score,
-    completion_len: mean tokens}, {name: per-task scores, "completion": texts}). A task's
+    completion_len: mean tokens}, {name: per-task scores, "completion": texts,
+    "completion_len": tokens}). A task's
     `prompt_ids`, when present, is its prompt as token ids (e.g. `chat.render`'s)."""
     check_tasks(tasks, "evaluate_policy tasks")
-    per_task: dict[str, list] = {name: [] for name in fns} | {"completion": []}
     lengths: list[int] = []
+    per_task: dict[str, list] = {name: [] for name in fns}
+    per_task |= {"completion": [], "completion_len": lengths}
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start : start + batch_size]
         prompts = [prompt_ids(t, tokenizer) for t in chunk]

@@ -27,6 +27,7 @@ import numpy as np
 
 import model
 from model import ModelConfig
+from rl import general
 from rl.evaluate import decode_completions
 from rl.preferences import Pair, Scope
 from train.chat import (
@@ -61,7 +62,10 @@ def response_text(message: Message, tokenizer: Tokenizer, layout: Layout) -> str
 
 
 def critique(pair: Pair, which: str) -> tuple[str, int]:
-    """(critique, score) of the pair's chosen or rejected response, from its kind."""
+    """(critique, score) of the pair's chosen or rejected response, from its kind (general
+    prompts' kinds: rl/general.critique)."""
+    if pair.kind in general.KINDS:
+        return general.critique(pair, which)
     answer = pair.chosen.content
     kind = "chosen" if which == "chosen" else pair.kind
     if kind == "chosen":

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from rl import languages
 from train import arithmetic
 from train.splits import Split, check_fraction, split_of
 
@@ -52,10 +53,12 @@ DOCUMENT = "document"  # no template: train/arithmetic.py's worked-solution docu
 STYLES = (REASONED, ANSWER_ONLY, PLAIN, DOCUMENT)
 
 
-def respond(problem: arithmetic.ArithmeticProblem, style: str) -> str:
-    """The assistant's side of a templated problem, in one of STYLES."""
+def respond(problem: arithmetic.ArithmeticProblem, style: str, solution: str | None = None) -> str:
+    """The assistant's side of a templated problem, in one of STYLES (`solution`: the worked
+    lines to show, by default the problem's own)."""
     if style == REASONED:
-        return f" <think>\n{problem.solution}\n</think>\n<answer>{problem.answer}</answer>"
+        lines = problem.solution if solution is None else solution
+        return f" <think>\n{lines}\n</think>\n<answer>{problem.answer}</answer>"
     if style == ANSWER_ONLY:
         return f" <answer>{problem.answer}</answer>"
     if style == PLAIN:
@@ -70,6 +73,8 @@ def base_corpus(
     *,
     max_digits: int = 3,
     operations: tuple[arithmetic.Operation, ...] = tuple(arithmetic.Operation),
+    chinese_fraction: float = 0.0,
+    switch_rate: float = 0.0,
 ) -> list[str]:
     """Pre-training documents for an R1-Zero base: TRAIN-split arithmetic problems, each
     rendered in a style drawn from `mix` (style -> probability): in the template with one of
@@ -77,7 +82,9 @@ def base_corpus(
 
     A base model has seen some reasoning in the wild but does not reliably use it; the mix
     sets how often (V3-Base saw such data in pre-training). Only TRAIN problems are used, so
-    the held-out RL tasks are never in the corpus."""
+    the held-out RL tasks are never in the corpus. `chinese_fraction` of the problems are
+    asked and worked in Chinese, and `switch_rate` of the worked solutions switch language
+    partway (rl/languages.py), as mixed-language web text does."""
     if set(mix) - set(STYLES) or not mix or min(mix.values()) < 0 or sum(mix.values()) <= 0:
         raise ValueError(f"mix must map some of {STYLES} to weights >= 0, got {dict(mix)!r}")
     styles = list(mix)
@@ -87,20 +94,40 @@ def base_corpus(
     problems = arithmetic.generate(
         Split.TRAIN, count, seed, max_digits=max_digits, operations=operations
     )
-    return [
-        arithmetic.to_document(problem)
-        if styles[k] == DOCUMENT
-        else arithmetic_prompt(problem) + respond(problem, styles[k])
-        for problem, k in zip(problems, picks, strict=True)
-    ]
+    if not (0 <= chinese_fraction <= 1 and 0 <= switch_rate <= 1):
+        raise ValueError("chinese_fraction and switch_rate must be in [0, 1]")
+    if chinese_fraction == 0 and switch_rate == 0:  # the English corpus, as it always was
+        return [
+            arithmetic.to_document(problem)
+            if styles[k] == DOCUMENT
+            else arithmetic_prompt(problem) + respond(problem, styles[k])
+            for problem, k in zip(problems, picks, strict=True)
+        ]
+    lang_rng = np.random.default_rng([seed, 1])
+    docs = []
+    for problem, k in zip(problems, picks, strict=True):
+        language = languages.ZH if lang_rng.random() < chinese_fraction else languages.EN
+        lines = problem.solution.split("\n")
+        if lang_rng.random() < switch_rate:
+            lines = languages.switched(lines, language, lang_rng)
+        else:
+            lines = languages.reasoning(lines, language)
+        docs.append(_document(problem, styles[k], language, "\n".join(lines)))
+    return docs
 
 
-def _countdown_question(numbers: list[int], target: int) -> str:
-    listed = ", ".join(map(str, numbers))
-    return (
-        f"Using the numbers {listed}, each exactly once, and + - * / with parentheses, "
-        f"write an expression equal to {target}."
-    )
+def _document(
+    problem: arithmetic.ArithmeticProblem, style: str, language: str, solution: str
+) -> str:
+    """One base-corpus document in `language` with the given worked lines."""
+    if language == languages.EN and style == DOCUMENT:
+        return f"Question: {problem.question} = ?\nSolution:\n{solution}\nAnswer: {problem.answer}"
+    if style == DOCUMENT:
+        return f"问题：{problem.question} = ?\n解：\n{solution}\n答案：{problem.answer}"
+    question = languages.arithmetic_question(problem.question, language)
+    if language == languages.EN:
+        question = f"{problem.question} = ?"
+    return r1_zero_prompt(question) + respond(problem, style, solution)
 
 
 def countdown_tasks(
@@ -129,7 +156,7 @@ def countdown_tasks(
             value = value + n if op == 0 else value * n if op == 1 else value - n
         if value <= 0:
             continue
-        question = _countdown_question(numbers, value)
+        question = languages.countdown_question(numbers, int(value), languages.EN)
         if split_of(question, heldout_fraction) is split:
             out.append(
                 {

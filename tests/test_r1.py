@@ -1,0 +1,99 @@
+"""The r1 experiment's wiring at toy scale: every stage runs in its own run dir, the table
+and plots land, stage 3 restarts from the base, stage 4 is scored by rules and reward models,
+and a rerun reuses every finished stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from experiments import r1
+from train.metrics import read_metrics
+
+STAGES = ("base", "stage 1", "stage 2 seed 0", "stage 3", "stage 4 seed 0", "r1-zero seed 0")
+
+
+def _tiny(c: r1.R1Config) -> r1.R1Config:
+    pre = dataclasses.replace(
+        c.base.base, documents=400, vocab_size=384, steps=4, batch_size=2, seq_len=128
+    )
+    base = dataclasses.replace(c.base, base=pre, general_documents=100)
+
+    def grpo(g):
+        return dataclasses.replace(
+            g, steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_every=2,
+            checkpoint_every=2, progress=False,
+        )  # fmt: skip
+
+    def sft(s):
+        data = dataclasses.replace(s.data, seq_len=128, batch_size=2, heldout_fraction=0.3)
+        return dataclasses.replace(
+            s, epochs=None, loop=dataclasses.replace(s.loop, steps=2), data=data
+        )
+
+    rm = c.reward_models.rm
+    rm = dataclasses.replace(
+        rm, epochs=None, loop=dataclasses.replace(rm.loop, steps=2),
+        data=dataclasses.replace(rm.data, batch_pairs=2),
+    )  # fmt: skip
+    world = dataclasses.replace(
+        c.world, train_tasks=16, general_tasks=8, eval_reasoning=10, eval_general=4,
+        grpo_eval=3, eval_max_new_tokens=8,
+    )  # fmt: skip
+    return dataclasses.replace(
+        c, base=base, world=world, seeds=(0,), language_ablation=False,
+        reward_models=dataclasses.replace(
+            c.reward_models, helpful_pairs=16, harmless_pairs=16, rm=rm
+        ),
+        cold_start_samples=30, stage1=sft(c.stage1), stage3=sft(c.stage3),
+        stage2=grpo(c.stage2), stage4=grpo(c.stage4), r1_zero=grpo(c.r1_zero),
+        rejection_prompts=4, stage3_general=6,
+        rejection=dataclasses.replace(
+            c.rejection, samples_per_prompt=2, max_new_tokens=8, progress=False
+        ),
+    )  # fmt: skip
+
+
+@pytest.mark.slow  # every stage and a rerun: ~3 minutes on 2 cores
+def test_r1_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys):
+    config = _tiny(r1.get_config())
+    r1.run(config, tmp_path)
+    out = capsys.readouterr().out
+    table = (tmp_path / "table.md").read_text(encoding="utf-8")
+    for stage in STAGES:
+        assert f"| {stage} |" in table and f"| {stage} |" in out
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert set(rows) == set(STAGES)
+    for column in ("arithmetic_en", "arithmetic_zh", "code_en", "format", "helpful", "win_rate"):
+        assert all(column in row for row in rows.values())
+    for name in ("accuracy.png", "reward.png", "completion_length.png", "language.png"):
+        assert (tmp_path / "plots" / name).is_file()
+    # R1 retrains its base on the rejection-sampled data, not the RL model.
+    stage3 = json.loads((tmp_path / "stage3" / "config.json").read_text())
+    assert stage3["init_from"] == str(tmp_path / "base")
+    assert (tmp_path / "stage3_samples" / "stats.json").is_file()
+    # Stage 4 trains on reasoning and general prompts, with rules and both reward models.
+    stage4 = json.loads((tmp_path / "stage4_seed0" / "config.json").read_text())
+    assert set(stage4["reward"]) == {"accuracy", "format", "language", "helpful", "harmless"}
+    zero = json.loads((tmp_path / "r1zero_seed0" / "config.json").read_text())
+    assert set(zero["reward"]) == {"accuracy", "format"}
+    for run in ("stage2_seed0", "stage4_seed0", "r1zero_seed0"):
+        steps = [r["step"] for r in read_metrics(tmp_path / run) if "reward_mean" in r]
+        assert steps == [1, 2], run
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert set(timings["done"]) >= {"base", "stage 1", "stage 3", "stage 4 seed 0"}
+    # A rerun trains nothing: the same table, the recorded minutes unchanged.
+    r1.run(config, tmp_path)
+    assert (tmp_path / "table.md").read_text(encoding="utf-8") == table
+    assert json.loads((tmp_path / "timings.json").read_text()) == timings
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="stage3_init"):
+        dataclasses.replace(r1.get_config(), stage3_init="stage2")
+    with pytest.raises(ValueError, match=r"stage4_rewards.*judge"):
+        dataclasses.replace(r1.get_config(), stage4_rewards={"judge": 1.0})
+    with pytest.raises(ValueError, match="seeds"):
+        dataclasses.replace(r1.get_config(), seeds=())
