@@ -177,9 +177,15 @@ def cold_start(
                 sample = code_sample(item)
             else:
                 sample = countdown_sample(item, rng, language=language)
-            if sample is None or sample[0].content in seen:
+            # One sample per problem, whichever language asks it.
+            key = (
+                item.question
+                if isinstance(item, arithmetic.ArithmeticProblem)
+                else item["question"]
+            )
+            if sample is None or key in seen:
                 continue
-            seen.add(sample[0].content)
+            seen.add(key)
             out.append(sample)
             taken += 1
     if len(out) < count:

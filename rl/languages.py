@@ -69,12 +69,16 @@ def reasoning(lines: list[str], language: str) -> list[str]:
 
 
 def switched(lines: list[str], language: str, rng: np.random.Generator) -> list[str]:
-    """The lines begun in `language` and continued in the other one from a random line on
-    (never the first): a worked solution that switches language midway."""
+    """The lines begun in `language` and continued in the other one from a random line on:
+    a worked solution that switches language midway. The cut leaves words on both sides
+    (a line such as "56 - 3 = 53" has none); lines that allow no such cut stay in
+    `language`."""
     check(language)
-    if len(lines) < 2:
+    worded = [i for i, line in enumerate(lines) if re.search(r"[^\W\d_]", line)]
+    cuts = [c for c in range(1, len(lines)) if worded[0] < c <= worded[-1]] if worded else []
+    if not cuts:
         return reasoning(lines, language)
-    cut = int(rng.integers(1, len(lines)))
+    cut = cuts[int(rng.integers(len(cuts)))]
     other = ZH if language == EN else EN
     return reasoning(lines[:cut], language) + reasoning(lines[cut:], other)
 

@@ -124,9 +124,11 @@ def _document(
         return f"Question: {problem.question} = ?\nSolution:\n{solution}\nAnswer: {problem.answer}"
     if style == DOCUMENT:
         return f"问题：{problem.question} = ?\n解：\n{solution}\n答案：{problem.answer}"
-    question = languages.arithmetic_question(problem.question, language)
     if language == languages.EN:
-        question = f"{problem.question} = ?"
+        return r1_zero_prompt(f"{problem.question} = ?") + respond(problem, style, solution)
+    question = languages.arithmetic_question(problem.question, language)
+    if style == PLAIN:
+        return r1_zero_prompt(question) + f" 答案是 {problem.answer}。"
     return r1_zero_prompt(question) + respond(problem, style, solution)
 
 
