@@ -114,24 +114,24 @@ class R1Config:
         default_factory=stages.RewardModelsConfig
     )
     seeds: tuple[int, ...] = (0, 1)  # of every RL stage
-    cold_start_samples: int = 1500
-    cold_start_code_fraction: float = 0.07  # 105 of the 109 distinct TRAIN code problems
+    cold_start_samples: int = 3000
+    cold_start_code_fraction: float = 0.035  # 105 of the 109 distinct TRAIN code problems
     stage1: SFTConfig = dataclasses.field(default_factory=default_sft)
     stage2: GRPOConfig = dataclasses.field(default_factory=default_grpo)
     stage2_rewards: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"accuracy": 1.0, "format": 1.0, "language": 1.0}
     )
     language_ablation: bool = True  # stage 2 without the language reward (first seed)
-    rejection_prompts: int = 400
+    rejection_prompts: int = 1000
     rejection: RejectionConfig = dataclasses.field(
         default_factory=lambda: RejectionConfig(
             samples_per_prompt=4,
-            keep_per_prompt=1,
+            keep_per_prompt=2,
             max_new_tokens=192,
             require={"accuracy": 1.0, "format": 1.0},
         )
     )
-    stage3_general: int = 300  # non-reasoning conversations mixed into stage 3
+    stage3_general: int = 600  # non-reasoning conversations mixed into stage 3
     stage3_init: str = "base"  # "base" (R1) or "stage1"
     stage3: SFTConfig = dataclasses.field(default_factory=default_sft)
     stage4: GRPOConfig = dataclasses.field(default_factory=default_grpo)

@@ -49,8 +49,10 @@ class WorldBaseConfig:
     (some worked solutions switching language midway) and general prompts answered well or
     badly at even odds."""
 
+    # 400 steps left the base unable to add digits ("9 + 3 = 10"): the cold start then got
+    # 0-11% and RL had nothing to amplify (measured 2026-12-02).
     base: r1_zero.BaseConfig = dataclasses.field(
-        default_factory=lambda: r1_zero.BaseConfig(steps=400)
+        default_factory=lambda: r1_zero.BaseConfig(steps=800)
     )
     chinese_fraction: float = 0.5
     switch_rate: float = 0.3

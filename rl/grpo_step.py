@@ -191,7 +191,9 @@ class GRPOStep:
         rollout_s = time.perf_counter() - start
         texts = decode_completions(self.tokenizer, ro.completions)
         prompts = [t["prompt"] for t in tasks for _ in range(G)]
+        start = time.perf_counter()
         totals, per_fn = self.reward(prompts, texts, **task_columns(tasks, G))
+        reward_s = time.perf_counter() - start
         rewards = np.array([np.nan if r is None else r for r in totals], np.float32)
         batch = {
             "tokens": ro.tokens,
@@ -226,6 +228,9 @@ class GRPOStep:
             "sampler_logp_gap": float(updates[0]["sampler_logp_gap"]),
             "learning_rate": float(self.optimizer.schedule(applied)),
             "rollout_tokens_per_s": float(ro.completion_lengths.sum() / rollout_s),
+            # Seconds of this step's rollouts and of scoring them (reward models included).
+            "rollout_s": rollout_s,
+            "reward_s": reward_s,
             "train_tokens_per_s": float(ro.tokens.size * self.mu / train_s),
             "skipped": int(state.skipped),
         }

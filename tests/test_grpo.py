@@ -96,7 +96,8 @@ def test_reward_rises_on_a_trivial_task(tmp_path, setup, tokenizer):
     record = _metrics(tmp_path / "run")[-2]
     for key in ("reward_std", "zero_std_groups", "completion_len_mean", "completion_len_max",
                 "truncated", "clip_low", "clip_high", "entropy", "rollout_tokens_per_s",
-                "train_tokens_per_s", "reward/vowels", "grad_norm"):  # fmt: skip
+                "train_tokens_per_s", "reward/vowels", "grad_norm", "rollout_s",
+                "reward_s"):  # fmt: skip
         assert key in record, key
     assert record["sampler_logp_gap"] < 1e-4  # the training forward reproduces the sampler
     plots = {p.name for p in (tmp_path / "run" / "plots").iterdir()}

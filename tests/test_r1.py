@@ -1,6 +1,7 @@
-"""The r1 experiment's wiring at toy scale: every stage runs in its own run dir, the table
-and plots land, stage 3 restarts from the base, stage 4 is scored by rules and reward models,
-and a rerun reuses every finished stage."""
+"""The r1 and v3-post-training experiments' wiring at toy scale: every stage runs in its own
+run dir, the tables and plots land, stage 3 restarts from the base, stage 4 is scored by rules
+and reward models, a rerun reuses every finished stage, and V3's post-training builds on the
+r1 run (its base, reward models and teacher) with a generative judge among its rewards."""
 
 from __future__ import annotations
 
@@ -10,9 +11,22 @@ import json
 import pytest
 
 from experiments import r1
+from experiments import v3_post_training as v3
 from train.metrics import read_metrics
 
 STAGES = ("base", "stage 1", "stage 2 seed 0", "stage 3", "stage 4 seed 0", "r1-zero seed 0")
+
+
+def _grpo(g):
+    return dataclasses.replace(
+        g, steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_every=2,
+        checkpoint_every=2, progress=False,
+    )  # fmt: skip
+
+
+def _sft(s):
+    data = dataclasses.replace(s.data, seq_len=128, batch_size=2, heldout_fraction=0.3)
+    return dataclasses.replace(s, epochs=None, loop=dataclasses.replace(s.loop, steps=2), data=data)
 
 
 def _tiny(c: r1.R1Config) -> r1.R1Config:
@@ -20,19 +34,6 @@ def _tiny(c: r1.R1Config) -> r1.R1Config:
         c.base.base, documents=400, vocab_size=384, steps=4, batch_size=2, seq_len=128
     )
     base = dataclasses.replace(c.base, base=pre, general_documents=100)
-
-    def grpo(g):
-        return dataclasses.replace(
-            g, steps=2, prompts_per_step=2, group_size=2, max_new_tokens=8, eval_every=2,
-            checkpoint_every=2, progress=False,
-        )  # fmt: skip
-
-    def sft(s):
-        data = dataclasses.replace(s.data, seq_len=128, batch_size=2, heldout_fraction=0.3)
-        return dataclasses.replace(
-            s, epochs=None, loop=dataclasses.replace(s.loop, steps=2), data=data
-        )
-
     rm = c.reward_models.rm
     rm = dataclasses.replace(
         rm, epochs=None, loop=dataclasses.replace(rm.loop, steps=2),
@@ -47,8 +48,8 @@ def _tiny(c: r1.R1Config) -> r1.R1Config:
         reward_models=dataclasses.replace(
             c.reward_models, helpful_pairs=16, harmless_pairs=16, rm=rm
         ),
-        cold_start_samples=30, stage1=sft(c.stage1), stage3=sft(c.stage3),
-        stage2=grpo(c.stage2), stage4=grpo(c.stage4), r1_zero=grpo(c.r1_zero),
+        cold_start_samples=30, stage1=_sft(c.stage1), stage3=_sft(c.stage3),
+        stage2=_grpo(c.stage2), stage4=_grpo(c.stage4), r1_zero=_grpo(c.r1_zero),
         rejection_prompts=4, stage3_general=6,
         rejection=dataclasses.replace(
             c.rejection, samples_per_prompt=2, max_new_tokens=8, progress=False
@@ -56,14 +57,20 @@ def _tiny(c: r1.R1Config) -> r1.R1Config:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def r1_toy(tmp_path_factory):
+    """(config, run dir) of one toy r1 run, shared by the r1 and v3 tests."""
+    config, run_dir = _tiny(r1.get_config()), tmp_path_factory.mktemp("r1")
+    r1.run(config, run_dir)
+    return config, run_dir
+
+
 @pytest.mark.slow  # every stage and a rerun: ~3 minutes on 2 cores
-def test_r1_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys):
-    config = _tiny(r1.get_config())
-    r1.run(config, tmp_path)
-    out = capsys.readouterr().out
+def test_r1_runs_every_stage_and_a_rerun_reuses_them(r1_toy, capsys):
+    config, tmp_path = r1_toy
     table = (tmp_path / "table.md").read_text(encoding="utf-8")
     for stage in STAGES:
-        assert f"| {stage} |" in table and f"| {stage} |" in out
+        assert f"| {stage} |" in table
     rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
     assert set(rows) == set(STAGES)
     for column in ("arithmetic_en", "arithmetic_zh", "code_en", "format", "helpful", "win_rate"):
@@ -86,8 +93,39 @@ def test_r1_runs_every_stage_and_a_rerun_reuses_them(tmp_path, capsys):
     assert set(timings["done"]) >= {"base", "stage 1", "stage 3", "stage 4 seed 0"}
     # A rerun trains nothing: the same table, the recorded minutes unchanged.
     r1.run(config, tmp_path)
+    assert table.strip() in capsys.readouterr().out  # the table is printed
     assert (tmp_path / "table.md").read_text(encoding="utf-8") == table
     assert json.loads((tmp_path / "timings.json").read_text()) == timings
+
+
+@pytest.mark.slow  # V3's stages on the toy r1 run: ~2 minutes on 2 cores
+def test_v3_post_training_builds_on_the_r1_run(r1_toy, tmp_path):
+    r1_config, r1_dir = r1_toy
+    c = v3.get_config()
+    config = dataclasses.replace(
+        c, r1=r1_config, r1_run=str(r1_dir), reasoning_prompts=4, general_conversations=6,
+        rejection=dataclasses.replace(
+            c.rejection, samples_per_prompt=2, max_new_tokens=8, progress=False
+        ),
+        sft=_sft(c.sft), judge=_sft(c.judge), judge_pairs=20, judge_max_new_tokens=8,
+        rl=_grpo(c.rl),
+    )  # fmt: skip
+    v3.run(config, tmp_path)
+    table = (tmp_path / "table.md").read_text(encoding="utf-8")
+    for stage in ("base", "r1 stage4_seed0", "sft", "rl seed 0"):
+        assert f"| {stage} |" in table
+    # The reasoning data came from the r1 teacher, and SFT started from r1's base.
+    samples = json.loads((tmp_path / "samples" / "config.json").read_text())
+    assert samples["policy"]["checkpoint"] == str(r1_dir / "stage4_seed0")
+    assert json.loads((tmp_path / "sft" / "config.json").read_text())["init_from"] == str(
+        r1_dir / "base"
+    )
+    rl_config = json.loads((tmp_path / "rl_seed0" / "config.json").read_text())
+    assert set(rl_config["reward"]) == {
+        "accuracy", "format", "language", "helpful", "harmless", "judge",
+    }  # fmt: skip
+    steps = [r for r in read_metrics(tmp_path / "rl_seed0") if "reward_mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
 
 
 def test_config_errors_name_the_field():

@@ -42,6 +42,9 @@ _TRAINING = {
     "preference_pairs(Split.TRAIN, 2000,": "preference_pairs(Split.TRAIN, 40,",
     "preference_pairs(Split.HELDOUT, 100,": "preference_pairs(Split.HELDOUT, 8,",
     "chat_tasks(Split.TRAIN, 200,": "chat_tasks(Split.TRAIN, 3,",
+    "reasoning_tasks(Split.HELDOUT, 110,": "reasoning_tasks(Split.HELDOUT, 5,",
+    "general_tasks(Split.HELDOUT, 48,": "general_tasks(Split.HELDOUT, 3,",
+    "max_new_tokens=192)": "max_new_tokens=8)",
 }
 
 
@@ -73,6 +76,7 @@ def _split() -> tuple[list, list]:
         "from train.chat import Layout, Message, Role, render, save_for_transformers",
         "from rl.grpo import GRPOConfig, train_grpo, constant_lr",
         'from rl.preferences import preference_pairs  # or load_pairs("pairs.jsonl"), TRL layout',
+        "from rl import world, world_rewards",
     ], f"README python blocks changed; wire each into tests/test_readme.py: {heads}"
     return blocks[:2], blocks[2:]
 
@@ -169,3 +173,4 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     assert namespace["rendered"].trained.any() and namespace["sft_summary"]["steps"] == 2
     assert namespace["rm_summary"]["steps"] == 2 and 0 <= namespace["unseen"]["accuracy"] <= 1
     assert namespace["stats"]["drawn"] == 6 and (tmp_path / "my-rs" / "samples.jsonl").is_file()
+    assert len(namespace["records"]) == 8 and {"arithmetic_en", "helpful"} <= set(namespace["row"])
