@@ -22,6 +22,7 @@ from types import ModuleType
 import experiments
 from experiments import overrides
 from train.checkpoint import IncompatibleCheckpointError
+from train.loop import Interrupted
 from train.run_dir import ConfigMismatchError
 
 _NOT_EXPERIMENTS = {"overrides", "bench", "common", "stages"}
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigMismatchError, IncompatibleCheckpointError) as err:
             # The run dir is left as it was: say why and how to proceed, no traceback.
             parser.exit(2, f"{parser.prog}: error: {err}\n")
+        except Interrupted as err:  # a stage stopped on a signal: later stages did not run
+            parser.exit(130, f"{parser.prog}: stopped: {err}\n")
         summary["wall_s"] = round(time.perf_counter() - start, 1)
         summaries[name or args.name] = summary
     print("\n" + _table(summaries))

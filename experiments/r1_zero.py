@@ -44,7 +44,7 @@ from rl.rewards import format_reward, integer_accuracy, last_integer_accuracy
 from sharding.mesh import ParallelConfig
 from train.arithmetic import Operation
 from train.data import TOKENIZER_FILE, DataConfig
-from train.loop import LoopConfig
+from train.loop import LoopConfig, check_finished
 from train.optimizer import OptimizerConfig
 from train.plots import compare_runs
 from train.pretrain import PretrainConfig, pretrain, schedule_for
@@ -157,7 +157,7 @@ def pretrain_base(
         tmp.replace(corpus)
         # Digits stay single tokens, as column arithmetic needs.
         train_bpe(docs[:20_000], b.vocab_size, split_digits=True).save(run_dir / TOKENIZER_FILE)
-    pretrain(
+    summary = pretrain(
         PretrainConfig(
             model=presets.get(b.model),
             data=DataConfig(
@@ -183,6 +183,7 @@ def pretrain_base(
         ),
         run_dir,
     )
+    check_finished(summary["interrupted"], run_dir)
     return run_dir
 
 
@@ -232,6 +233,7 @@ def run(config: R1ZeroConfig, run_dir) -> dict:
             config=dataclasses.replace(config.grpo, seed=seed, parallel=config.parallel),
             meta={"r1_zero": to_json(config)},
         )
+        check_finished(result.interrupted, seed_dir)  # never the next seed after a signal
         before, after = result.eval_before, result.eval
         rows.append({"seed": seed, "before": before, "after": after, "wall_s": result.wall_s})
     print(_table(rows))

@@ -39,7 +39,7 @@ from rl.reward_data import PairDataConfig
 from rl.reward_eval import load_reward_model, score_pairs
 from rl.reward_trainer import RewardModelConfig, train_reward_model
 from sharding.mesh import ParallelConfig
-from train.loop import LoopConfig
+from train.loop import LoopConfig, check_finished
 from train.run import load_run
 from train.sft import SFTConfig, sft
 from train.sft_data import SFTDataConfig
@@ -104,6 +104,7 @@ def run(config: RewardModelExperimentConfig, run_dir) -> dict:
         config.scalar, init_from=str(base_dir), parallel=config.parallel
     )
     scalar = train_reward_model(scalar_config, run_dir / "scalar", pairs=pairs)
+    check_finished(scalar["interrupted"], run_dir / "scalar")  # not the judge after a signal
     unseen_scalar = score_pairs(load_reward_model(run_dir / "scalar"), unseen)
     scalar_minutes = lap()
 

@@ -35,7 +35,7 @@ from rl.reward_trainer import RewardModelConfig, train_reward_model
 from rl.world_eval import evaluate_world, summarize
 from sharding.mesh import ParallelConfig
 from train.chat import Message
-from train.loop import LoopConfig
+from train.loop import LoopConfig, check_finished
 from train.run import Run, latest_weights, model_config
 from train.run_dir import digest
 from train.sft import SFTConfig, sft
@@ -74,6 +74,10 @@ def base_stage(config: WorldBaseConfig, parallel: ParallelConfig, run_dir: Path)
     return r1_zero.pretrain_base(r1z, run_dir, documents=config.documents)
 
 
+# Every stage raises train.loop.Interrupted when a signal stopped it early, so an experiment
+# never goes on to its next stage (or marks this one done) with an unfinished run.
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardModelsConfig:
     """Two scalar reward models from the base on general-prompt pairs (rl/general.py)."""
@@ -104,6 +108,7 @@ def reward_models(
         )  # fmt: skip
         pairs = general.pairs(Split.TRAIN, count, config.rm.seed, aspect)
         summaries[aspect] = train_reward_model(rm_config, run_dir / f"rm_{aspect}", pairs=pairs)
+        check_finished(summaries[aspect]["interrupted"], run_dir / f"rm_{aspect}")
         out[aspect] = load_reward_model(run_dir / f"rm_{aspect}")
     return out, summaries
 
@@ -116,7 +121,9 @@ def sft_stage(
     run_dir: Path,
 ) -> dict:
     sft_config = dataclasses.replace(config, init_from=str(init_from), parallel=parallel)
-    return sft(sft_config, run_dir, conversations=conversations)
+    summary = sft(sft_config, run_dir, conversations=conversations)
+    check_finished(summary["interrupted"], run_dir)
+    return summary
 
 
 def policy(run_dir: Path, tokenizer: Tokenizer) -> Run:
@@ -138,7 +145,7 @@ def grpo_stage(
     run_dir: Path,
     meta: dict,
 ):
-    return train_grpo(
+    result = train_grpo(
         run_dir,
         cfg=start.cfg,
         tokenizer=start.tokenizer,
@@ -150,6 +157,8 @@ def grpo_stage(
         config=dataclasses.replace(config, seed=seed, parallel=parallel),
         meta=meta,
     )
+    check_finished(result.interrupted, run_dir)
+    return result
 
 
 def sample_stage(

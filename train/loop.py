@@ -88,6 +88,24 @@ class RunResult:
     timed_s: float = 0.0
 
 
+class Interrupted(Exception):
+    """A run stopped early on SIGTERM/SIGINT (its state saved): a multi-stage experiment
+    raises this rather than go on to its next stage with an unfinished one."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = run_dir
+        super().__init__(
+            f"{run_dir} stopped on a signal before its last step (its checkpoint is saved); "
+            "rerun the same command to resume"
+        )
+
+
+def check_finished(interrupted: bool, run_dir: str | Path) -> None:
+    """Raise Interrupted if the run in run_dir stopped early."""
+    if interrupted:
+        raise Interrupted(run_dir)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
 
