@@ -173,4 +173,4 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     assert namespace["rendered"].trained.any() and namespace["sft_summary"]["steps"] == 2
     assert namespace["rm_summary"]["steps"] == 2 and 0 <= namespace["unseen"]["accuracy"] <= 1
     assert namespace["stats"]["drawn"] == 6 and (tmp_path / "my-rs" / "samples.jsonl").is_file()
-    assert len(namespace["records"]) == 8 and {"arithmetic_en", "helpful"} <= set(namespace["row"])
+    assert len(namespace["records"]) == 8 and {"format", "helpful"} <= set(namespace["row"])
