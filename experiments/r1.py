@@ -205,7 +205,7 @@ def run(config: R1Config, run_dir) -> dict:
 
     def evaluate(name: str, run, where: Path, tasks_: list) -> None:
         records[name] = stages.evaluate_stage(
-            run, where, tasks_, rms, max_new_tokens=w.eval_max_new_tokens
+            run, where, tasks_, rm_fns, max_new_tokens=w.eval_max_new_tokens
         )
 
     with timed("evaluate base"):

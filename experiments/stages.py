@@ -187,21 +187,22 @@ def evaluate_stage(
     run: Run,
     run_dir: Path,
     heldout: Sequence[Mapping[str, Any]],
-    reward_models: Mapping,
+    model_fns: Mapping,
     *,
     max_new_tokens: int,
 ) -> list[dict]:
     """The held-out records of a run dir's policy, computed once per (tasks, step) and kept in
-    run_dir/world_eval.json."""
+    run_dir/world_eval.json. `model_fns` is world_rewards.model_rewards(...), built once per
+    experiment: each ScalarReward jits its own scorer, so a new one per stage would compile
+    again."""
     key = digest({"tasks": list(heldout), "step": run.step, "max_new_tokens": max_new_tokens})
     path = run_dir / EVAL_FILE
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         if saved.get("key") == key:
             return saved["records"]
-    fns = world_rewards.model_rewards(reward_models["helpful"], reward_models["harmless"])
     records = evaluate_world(
-        run.cfg, run.variables, run.tokenizer, heldout, fns, max_new_tokens=max_new_tokens
+        run.cfg, run.variables, run.tokenizer, heldout, model_fns, max_new_tokens=max_new_tokens
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

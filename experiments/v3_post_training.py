@@ -93,6 +93,7 @@ def run(config: V3PostTrainingConfig, run_dir) -> dict:
     base = load_run(base_dir)
     tok = base.tokenizer
     rms = {a: load_reward_model(r1_dir / f"rm_{a}") for a in (general.HELPFUL, general.HARMLESS)}
+    rm_fns = world_rewards.model_rewards(rms["helpful"], rms["harmless"])  # jitted once
 
     def reasoning(split, count, seed):
         return world.reasoning_tasks(
@@ -104,18 +105,18 @@ def run(config: V3PostTrainingConfig, run_dir) -> dict:
     chat_eval = world.as_chat(heldout, tok)
     records = {
         "base": stages.evaluate_stage(
-            base, r1_dir / "base_eval", world.as_r1_zero(heldout), rms,
+            base, r1_dir / "base_eval", world.as_r1_zero(heldout), rm_fns,
             max_new_tokens=w.eval_max_new_tokens,
         ),
         f"r1 {config.teacher}": stages.evaluate_stage(
             stages.policy(r1_dir / config.teacher, tok), r1_dir / config.teacher, chat_eval,
-            rms, max_new_tokens=w.eval_max_new_tokens,
+            rm_fns, max_new_tokens=w.eval_max_new_tokens,
         ),
     }  # fmt: skip
 
     def evaluate(name, run_, where):
         records[name] = stages.evaluate_stage(
-            run_, where, chat_eval, rms, max_new_tokens=w.eval_max_new_tokens
+            run_, where, chat_eval, rm_fns, max_new_tokens=w.eval_max_new_tokens
         )
 
     with timed("sft"):
@@ -141,7 +142,7 @@ def run(config: V3PostTrainingConfig, run_dir) -> dict:
             scope=Scope.SUMMARY, max_new_tokens=config.judge_max_new_tokens,
         )  # fmt: skip
 
-    rewards = world_rewards.RULES | world_rewards.model_rewards(rms["helpful"], rms["harmless"])
+    rewards = world_rewards.RULES | rm_fns
     rewards["judge"] = by_kind("judge", {general.HELPFUL: judge})
     reward = world_rewards.weighted(rewards, config.rewards)
     n_general = round(w.train_tasks * config.general_share)
