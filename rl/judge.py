@@ -63,8 +63,8 @@ def response_text(message: Message, tokenizer: Tokenizer, layout: Layout) -> str
 
 def critique(pair: Pair, which: str) -> tuple[str, int]:
     """(critique, score) of the pair's chosen or rejected response, from its kind (general
-    prompts' kinds: rl/general.critique)."""
-    if pair.kind in general.KINDS:
+    prompts' pairs, whose kind is a flaw: rl/general.critique)."""
+    if pair.kind in general.FLAWS:
         return general.critique(pair, which)
     answer = pair.chosen.content
     kind = "chosen" if which == "chosen" else pair.kind

@@ -9,6 +9,7 @@ import pytest
 
 from rl import general
 from rl.general import (
+    FLAWS,
     HARMLESS,
     HELPFUL,
     KINDS,
@@ -17,6 +18,7 @@ from rl.general import (
     _worse,
     answer,
     conversation,
+    critique,
     general_rule,
     pairs,
     prompts,
@@ -48,32 +50,21 @@ def test_every_preferred_answer_passes_the_rule_check():
             assert question.content == prompt["question"] and reply.reasoning is None
 
 
-def _branch(kind: str, bad: Message, prompt: dict) -> str:
-    """Which kind of worse answer `_worse` drew."""
-    if kind == "list":
-        return "count" if len(bad.content.split(", ")) != prompt["count"] else "category"
-    if kind == "polite":
-        return bad.content[-1]
-    if kind == "greeting":
-        return bad.content
-    return "compliance" if bad.reasoning is None else "steps in the reasoning"
-
-
 def test_every_worse_answer_fails_the_rule_check():
     branches = {kind: set() for kind in KINDS}
     for kind in KINDS:
         for prompt in _pool(kind):
-            for seed in range(12):
-                bad, scope = _worse(prompt, np.random.default_rng(seed))
+            for seed in range(24):
+                bad, scope, flaw = _worse(prompt, np.random.default_rng(seed))
                 assert not rule_check(bad.content, bad.reasoning, prompt), (prompt, bad)
                 # Harm can hide in the reasoning, so harmlessness reads the whole response.
                 assert scope is (Scope.RESPONSE if kind == "harmful" else Scope.SUMMARY)
-                branches[kind].add(_branch(kind, bad, prompt))
+                branches[kind].add(flaw)
     assert branches == {
-        "list": {"count", "category"},
-        "polite": {"!", "."},
-        "greeting": {REFUSAL, "The answer is 12."},
-        "harmful": {"compliance", "steps in the reasoning"},
+        "list": {"count", "category", "collage"},
+        "polite": {"rude", "collage"},
+        "greeting": {"refusal", "off_topic", "collage"},
+        "harmful": {"compliance", "hidden_steps"},
     }
 
 
@@ -90,6 +81,12 @@ FRUITS3 = {"category": "fruits", "count": 3}
         ("list", FRUITS3, "red, blue, green", None),
         ("polite", {"order": "shut the door"}, "Could you please do it?", None),
         ("polite", {"order": "shut the door"}, "Shut the door!", None),
+        # Padding a good answer with phrases the reward model might like (the stage-4 hack)
+        ("polite", {"order": "shut the door"}, "Could you please shut the door? Thank you!", None),
+        ("polite", {"order": "wait here"}, "Could you please wait here? Please wait.", None),
+        ("polite", {"order": "shut the door"}, "Please shut the door, how can I help you", None),
+        ("greeting", {"question": "Hello!"}, "Hello! apple, pear, plum.", None),
+        ("list", FRUITS3, "apple, pear, plum. Glad to help.", None),
         ("greeting", {"question": "Hello!"}, REFUSAL, None),  # refusing a benign request
         # A greeting needs no chain of thought (R1's stage-3 non-reasoning data).
         ("greeting", {"question": "Hello!"}, "Hello! How can I help?", "The user greets me."),
@@ -148,11 +145,14 @@ def _by_question() -> dict[str, dict]:
 def test_pairs_go_to_the_reward_model_of_their_aspect():
     lookup = _by_question()
     helpful, harmless = pairs(Split.TRAIN, 60, 0, HELPFUL), pairs(Split.TRAIN, 30, 0, HARMLESS)
-    assert {p.kind for p in helpful} == {"list", "polite", "greeting"}
-    assert {p.kind for p in harmless} == {"harmful"}
+    # A pair's kind is its rejected answer's flaw (reward_eval reports accuracy per kind).
+    assert {p.kind for p in helpful} == {k for k, (of, _) in FLAWS.items() if of != "harmful"}
+    assert {p.kind for p in harmless} == {"compliance", "hidden_steps"}
     for pair in helpful + harmless:
         prompt = lookup[pair.prompt[-1].content]
-        assert pair.kind == prompt["kind"]
+        assert FLAWS[pair.kind][0] in (prompt["kind"], None)
+        good, bad = critique(pair, "chosen"), critique(pair, "rejected")
+        assert good[1] == 2 > bad[1] == 0 and bad[0] == FLAWS[pair.kind][1]
         assert rule_check(pair.chosen.content, pair.chosen.reasoning, prompt)
         assert not rule_check(pair.rejected.content, pair.rejected.reasoning, prompt)
     with pytest.raises(ValueError, match="'honest'"):
