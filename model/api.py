@@ -149,7 +149,8 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     shapes = jax.eval_shape(functools.partial(init, cfg), jax.random.key(0))["params"]
     mtp = _size(shapes.get("mtp", {}))
     total = _size(shapes) - mtp
-    activated = total - _size(shapes["embed"])
+    # The input embedding is a lookup, not a matmul; tied, it is also the head, which is one.
+    activated = total - (0 if cfg.tie_embeddings else _size(shapes["embed"]))
     if cfg.num_moe_layers:
         routed = _size(shapes["moe_layers"]["moe"]["experts"])
         inactive = cfg.moe.num_experts - cfg.moe.top_k

@@ -1,7 +1,8 @@
-"""The latent KV cache of MLA, and the modes the model runs in.
+"""The KV cache (MLA's latents or GQA's keys and values), and the modes the model runs in.
 
-Per token per layer the cache holds only what absorbed decode reads (PAPER_FACTS.md): the
-normalized latent c_kv [kv_lora] and the rotated shared RoPE key k_pe [rope]. Rows are
+Per token per MLA layer the cache holds only what absorbed decode reads (PAPER_FACTS.md): the
+normalized latent c_kv [kv_lora] and the rotated shared RoPE key k_pe [rope]; a GQA layer
+(model/gqa.py) holds its rotated keys and values [kv_heads, head_dim] each. Rows are
 left-padded: row b's tokens occupy slots start[b] .. length[b] - 1, and token position is
 slot - start[b], so prompts of different lengths decode in one batch with the same RoPE
 positions they would have alone.
@@ -39,17 +40,18 @@ class LayerKV:
 
 @struct.dataclass
 class KVCache:
-    """Latent caches of the scanned stacks ({stack name: LayerKV [L, B, S, *]}) and, per row,
+    """Caches of the scanned stacks ({stack name: LayerKV or gqa.KV, arrays [L, B, S, ...]}):
+    and, per row,
     start [B] (first real slot; earlier slots are padding) and length [B] (slots written; the
     next token goes to slot length)."""
 
-    layers: dict[str, LayerKV]
+    layers: dict
     start: jax.Array
     length: jax.Array
 
     @property
     def max_len(self) -> int:
-        return next(iter(self.layers.values())).c_kv.shape[2]
+        return jax.tree.leaves(self.layers)[0].shape[2]
 
     def positions(self, num_new: int) -> jax.Array:
         """RoPE positions [B, num_new] of the next num_new tokens."""
@@ -63,12 +65,12 @@ class KVCache:
         return jnp.broadcast_to(valid_BxS[:, None], (valid_BxS.shape[0], num_new, self.max_len))
 
     def write(self, new: dict[str, LayerKV]) -> KVCache:
-        """Store T new entries per row (LayerKV [L, B, T, *]) at slots length.., length += T.
+        """Store T new entries per row (arrays [L, B, T, ...]) at slots length.., length += T.
 
         Writes past the end of the cache are dropped; generate sizes the cache so that no
         token it keeps is ever dropped.
         """
-        B, T = next(iter(new.values())).c_kv.shape[1:3]
+        B, T = jax.tree.leaves(new)[0].shape[1:3]
         rows_BxT = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
         slots_BxT = self.length[:, None] + jnp.arange(T, dtype=jnp.int32)
 
@@ -83,14 +85,16 @@ class KVCache:
         return self.replace(length=jnp.asarray(length, jnp.int32))
 
 
-def from_prefill(new: dict[str, LayerKV], prompt_lengths: jax.Array, max_len: int) -> KVCache:
-    """A cache of max_len slots holding a left-padded prefill (LayerKV [L, B, P, *])."""
-    P = next(iter(new.values())).c_kv.shape[2]
+def from_prefill(new: dict, prompt_lengths: jax.Array, max_len: int) -> KVCache:
+    """A cache of max_len slots holding a left-padded prefill (arrays [L, B, P, ...])."""
+    P = jax.tree.leaves(new)[0].shape[2]
     if max_len < P:
         raise ValueError(f"prompt length {P} exceeds the cache length {max_len}")
 
-    def pad(a_LxBxPxC):
-        return jnp.pad(a_LxBxPxC, ((0, 0), (0, 0), (0, max_len - P), (0, 0)))
+    def pad(a_LxBxPx_):
+        return jnp.pad(
+            a_LxBxPx_, ((0, 0), (0, 0), (0, max_len - P)) + ((0, 0),) * (a_LxBxPx_.ndim - 3)
+        )
 
     lengths = jnp.asarray(prompt_lengths, jnp.int32)
     return KVCache(
@@ -101,13 +105,18 @@ def from_prefill(new: dict[str, LayerKV], prompt_lengths: jax.Array, max_len: in
 
 
 def cache_bytes_per_token(cfg: ModelConfig) -> int:
-    """Bytes the latent cache holds per token over all main layers (in cfg.dtype)."""
-    per_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+    """Bytes the cache holds per token over all main layers (in cfg.dtype)."""
+    if cfg.gqa is not None:
+        per_layer = 2 * cfg.gqa.num_kv_heads * cfg.gqa.head_dim
+    else:
+        per_layer = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
     return per_layer * cfg.num_layers * np.dtype(jnp.dtype(cfg.dtype)).itemsize
 
 
 def mha_cache_bytes_per_token(cfg: ModelConfig) -> int:
     """Bytes per token of a standard MHA cache with the same heads: K [nope + rope] and V."""
-    m = cfg.mla
-    per_layer = m.num_heads * (m.qk_head_dim + m.v_head_dim)
+    if cfg.gqa is not None:
+        per_layer = 2 * cfg.gqa.num_heads * cfg.gqa.head_dim
+    else:
+        per_layer = cfg.mla.num_heads * (cfg.mla.qk_head_dim + cfg.mla.v_head_dim)
     return per_layer * cfg.num_layers * np.dtype(jnp.dtype(cfg.dtype)).itemsize

@@ -146,6 +146,63 @@ class MLAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.1's RoPE frequency scaling (`rope_type: llama3`): wavelengths shorter than
+    original / high_freq_factor are kept, longer than original / low_freq_factor divided by
+    `factor`, and those between interpolated smoothly."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        _positive(self, "original_max_position")
+        _finite_at_least(self, "factor", 1.0)
+        _finite_at_least(self, "low_freq_factor", 0.0, strict=True)
+        _finite_at_least(self, "high_freq_factor", 0.0, strict=True)
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"Llama3RopeScaling.high_freq_factor ({self.high_freq_factor}) must exceed "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class GQAConfig:
+    """Grouped-query attention of the dense students (Llama 3, Qwen2 / Qwen2.5): num_heads
+    query heads share num_kv_heads K/V heads; RoPE over the whole head in the rotate-half
+    layout their checkpoints use; q/k/v biases for Qwen2."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    llama3_scaling: Llama3RopeScaling | None = None
+    qkv_bias: bool = False
+
+    def __post_init__(self):
+        _positive(self, "num_heads", "num_kv_heads", "head_dim")
+        if self.head_dim % 2:
+            raise ValueError(f"GQAConfig.head_dim must be even (RoPE), got {self.head_dim}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"GQAConfig.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+        _finite_at_least(self, "rope_theta", 1.0, strict=True)
+        if self.llama3_scaling is not None and not isinstance(
+            self.llama3_scaling, Llama3RopeScaling
+        ):
+            raise ValueError(
+                f"GQAConfig.llama3_scaling must be a Llama3RopeScaling or None, "
+                f"got {self.llama3_scaling!r}"
+            )
+        if not isinstance(self.qkv_bias, bool):
+            raise ValueError(f"GQAConfig.qkv_bias must be a bool, got {self.qkv_bias!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class MoEConfig:
     """DeepSeekMoE: fine-grained routed experts, shared experts, sigmoid group-limited routing."""
 
@@ -251,14 +308,17 @@ def rules_table(rules) -> tuple[tuple[str, tuple[str, ...]], ...]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A DeepSeek-V3-style decoder: dense first layers, MoE layers, optional MTP modules."""
+    """A DeepSeek-V3-style decoder: dense first layers, MoE layers, optional MTP modules.
+
+    Attention is MLA (`mla`, V3) or grouped-query (`gqa`, the Llama / Qwen students): exactly
+    one is set. A dense student is num_dense_layers = num_layers with moe None."""
 
     vocab_size: int
     d_model: int
     num_layers: int
     num_dense_layers: int
     dense_dim: int
-    mla: MLAConfig
+    mla: MLAConfig | None
     moe: MoEConfig | None
     mtp_depth: int = 0
     max_seq_len: int = 4096
@@ -273,6 +333,8 @@ class ModelConfig:
     # so jit keys on it; the model never reads flax's ambient nn.logical_axis_rules. Trainers
     # set it from the mesh (sharding's Parallel.configure). Empty: no constraints.
     logical_rules: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    gqa: GQAConfig | None = None
+    tie_embeddings: bool = False  # the output head is the input embedding (small Qwen models)
 
     def __post_init__(self):
         object.__setattr__(self, "logical_rules", rules_table(self.logical_rules))
@@ -302,8 +364,19 @@ class ModelConfig:
                 )
         if not isinstance(self.remat, RematPolicy):
             raise ValueError(f"ModelConfig.remat must be a RematPolicy, got {self.remat!r}")
-        if not isinstance(self.mla, MLAConfig):
+        if (self.mla is None) == (self.gqa is None):
+            raise ValueError(
+                "ModelConfig needs exactly one attention config: mla (MLAConfig) or gqa "
+                f"(GQAConfig); got mla={self.mla!r}, gqa={self.gqa!r}"
+            )
+        if self.mla is not None and not isinstance(self.mla, MLAConfig):
             raise ValueError(f"ModelConfig.mla must be an MLAConfig, got {type(self.mla)}")
+        if self.gqa is not None and not isinstance(self.gqa, GQAConfig):
+            raise ValueError(f"ModelConfig.gqa must be a GQAConfig, got {type(self.gqa)}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(
+                f"ModelConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}"
+            )
         if self.fp8 is not None and not isinstance(self.fp8, FP8Config):
             raise ValueError(f"ModelConfig.fp8 must be an FP8Config or None, got {self.fp8!r}")
         impl = None if self.moe is None else self.moe.grouped_matmul
@@ -330,9 +403,19 @@ class ModelConfig:
         """The config from its JSON form (nested dicts, enums by value), as runs store it."""
         try:
             fields = dict(data)
-            mla = dict(fields.pop("mla"))
-            yarn = mla.pop("yarn", None)
-            fields["mla"] = MLAConfig(**mla, yarn=None if yarn is None else YarnConfig(**yarn))
+            mla = fields.pop("mla")
+            if mla is not None:
+                mla = dict(mla)
+                yarn = mla.pop("yarn", None)
+                mla = MLAConfig(**mla, yarn=None if yarn is None else YarnConfig(**yarn))
+            fields["mla"] = mla
+            gqa = fields.pop("gqa", None)
+            if gqa is not None:
+                gqa = dict(gqa)
+                scaling = gqa.pop("llama3_scaling", None)
+                scaling = None if scaling is None else Llama3RopeScaling(**scaling)
+                gqa = GQAConfig(**gqa, llama3_scaling=scaling)
+            fields["gqa"] = gqa
             moe = fields.pop("moe", None)
             if moe is not None:
                 moe = dict(moe)

@@ -1,4 +1,5 @@
-"""Load and save DeepSeek-V3 checkpoints in the Hugging Face safetensors layout.
+"""Load and save DeepSeek-V3 checkpoints (and the dense Llama / Qwen2 students') in the Hugging
+Face safetensors layout.
 
 Tensor names follow DeepSeek's official checkpoint: `model.layers.{i}.…` with one tensor per
 routed expert, and MTP module k at `model.layers.{num_hidden_layers + k}.…`. `load` also takes
@@ -33,6 +34,7 @@ from safetensors.numpy import save_file
 
 from model.config import ModelConfig
 from model.hf_config import config_from_hf, config_to_hf, declared_mtp_depth, fp8_block_size
+from model.hf_dense_config import DENSE_TYPES, dense_config_from_hf, dense_config_to_hf
 from model.hf_layout import _CheckpointMap, _layout, _Leaf, _mtp_duplicates, _Slot
 
 _INDEX = "model.safetensors.index.json"
@@ -158,7 +160,11 @@ def load(path: str | os.PathLike, *, param_dtype: str = "float32") -> tuple[Mode
     hf = _read_json(config_file)
     files = _files(path)
     try:
-        cfg = config_from_hf(hf, mtp_depth=_mtp_depth(hf, set(files)), param_dtype=param_dtype)
+        if hf.get("model_type") in DENSE_TYPES:
+            cfg = dense_config_from_hf(hf, param_dtype=param_dtype)
+        else:
+            depth = _mtp_depth(hf, set(files))
+            cfg = config_from_hf(hf, mtp_depth=depth, param_dtype=param_dtype)
         block = fp8_block_size(hf)
     except ValueError as err:
         raise ValueError(f"{config_file}: {str(err).removeprefix('config.json: ')}") from err
@@ -193,6 +199,8 @@ def _plan(
     """Checkpoint name -> slot for every tensor to read; raises on unexpected/missing/bad shape."""
     fused = _layout(cfg, fused=True).slots
     ignored = set(_mtp_duplicates(cfg))
+    if cfg.tie_embeddings:  # some tied checkpoints also store the head; the embedding is it
+        ignored.add("lm_head.weight")
     plan, unexpected = {}, []
     for name in sorted(reader.files):
         slot = layout.slots.get(name) or fused.get(name)
@@ -309,7 +317,8 @@ def save(
             }
             index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
             (scratch / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        (scratch / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
+        hf = dense_config_to_hf(cfg) if cfg.gqa is not None else config_to_hf(cfg)
+        (scratch / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         # Shards or an index left by an earlier save would be read together with the new files.
         for old in path.iterdir():
             if (old.name in (_SINGLE, _INDEX) or _SHARD.fullmatch(old.name)) and not (

@@ -209,6 +209,12 @@ def _config_from_hf(hf: Mapping[str, Any], mtp_depth: int, param_dtype: str) -> 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """config.json contents in DeepSeek's published form (loadable by transformers too)."""
+    if cfg.mla is None or cfg.tie_embeddings:
+        raise ValueError(
+            "a DeepSeek-V3 checkpoint has MLA attention and an untied head; got "
+            f"mla={cfg.mla!r}, tie_embeddings={cfg.tie_embeddings} (dense GQA models are "
+            "written as Llama / Qwen2: model.hf_dense_config)"
+        )
     mla = cfg.mla
     rope_scaling = None
     if mla.yarn is not None:

@@ -41,6 +41,11 @@ def _heads_in(heads: int) -> _Map:
     )
 
 
+def _bias(heads: int) -> _Map:
+    """[H*k] (torch) <-> [H, k]."""
+    return _Map(lambda x: (x.reshape(heads, -1),), lambda y: y.reshape(-1))
+
+
 def _fused_gate_up(f: int) -> _Map:
     """transformers' [E, 2F, D] (gate rows, then up rows) -> two [E, D, F]; load only."""
     return _Map(lambda x: (x[:, :f].transpose(0, 2, 1), x[:, f:].transpose(0, 2, 1)), None)
@@ -94,8 +99,31 @@ def _swiglu(pre: str, path: str, d: int, f: int, expert: int | None = None) -> l
     ]
 
 
+def _gqa(cfg: ModelConfig) -> list[_Entry]:
+    """GQA tensors (Llama / Qwen2 names) and the two block norms."""
+    g, d, a = cfg.gqa, cfg.d_model, "self_attn."
+    h, kv, k = g.num_heads, g.num_kv_heads, g.head_dim
+    out = [
+        _e("input_layernorm.weight", "attn_norm/scale", (d,), (d,), _COPY),
+        _e("post_attention_layernorm.weight", "ffn_norm/scale", (d,), (d,), _COPY),
+        _e(a + "q_proj.weight", "attn/wq", (h * k, d), (d, h, k), _heads_out(h)),
+        _e(a + "k_proj.weight", "attn/wk", (kv * k, d), (d, kv, k), _heads_out(kv)),
+        _e(a + "v_proj.weight", "attn/wv", (kv * k, d), (d, kv, k), _heads_out(kv)),
+        _e(a + "o_proj.weight", "attn/wo", (d, h * k), (h, k, d), _heads_in(h)),
+    ]
+    if g.qkv_bias:
+        out += [
+            _e(a + "q_proj.bias", "attn/bq", (h * k,), (h, k), _bias(h)),
+            _e(a + "k_proj.bias", "attn/bk", (kv * k,), (kv, k), _bias(kv)),
+            _e(a + "v_proj.bias", "attn/bv", (kv * k,), (kv, k), _bias(kv)),
+        ]
+    return out
+
+
 def _attention(cfg: ModelConfig) -> list[_Entry]:
-    """MLA tensors and the two block norms."""
+    """MLA (or GQA) tensors and the two block norms."""
+    if cfg.gqa is not None:
+        return _gqa(cfg)
     mla, d, a = cfg.mla, cfg.d_model, "self_attn."
     h, qk, kvl, v = mla.num_heads, mla.qk_head_dim, mla.kv_lora_rank, mla.v_head_dim
     kv_a, kv_b = kvl + mla.qk_rope_head_dim, mla.qk_nope_head_dim + v
@@ -180,7 +208,8 @@ def _layout(cfg: ModelConfig, *, fused: bool = False) -> _CheckpointMap:
         add(mtp, pre, "mtp/", (k,), (p,))
         add(ffn if cfg.mtp_uses_moe else dense, pre, "mtp/block/", (k,), (p,))
     add([_e("model.norm.weight", "final_norm/scale", (d,), (d,), _COPY)], "", "", (), ())
-    add([_e("lm_head.weight", "lm_head/kernel", (v, d), (d, v), _LINEAR)], "", "", (), ())
+    if not cfg.tie_embeddings:
+        add([_e("lm_head.weight", "lm_head/kernel", (v, d), (d, v), _LINEAR)], "", "", (), ())
     return out
 
 
@@ -190,5 +219,6 @@ def _mtp_duplicates(cfg: ModelConfig) -> dict[str, str]:
     for k in range(cfg.mtp_depth):
         pre = f"model.layers.{cfg.num_layers + k}."
         out[pre + "embed_tokens.weight"] = "model.embed_tokens.weight"
-        out[pre + "shared_head.head.weight"] = "lm_head.weight"
+        if not cfg.tie_embeddings:
+            out[pre + "shared_head.head.weight"] = "lm_head.weight"
     return out

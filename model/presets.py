@@ -1,10 +1,12 @@
-"""Named model configurations: the exact V3, CPU-sized variants and the benchmark configs."""
+"""Named model configurations: the exact V3, CPU-sized variants, the benchmark configs and the
+dense students (model/dense_presets.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from model.config import MLAConfig, ModelConfig, MoEConfig, YarnConfig
+from model.dense_presets import DENSE_PRESETS
 
 
 def _v3_671b() -> ModelConfig:
@@ -125,6 +127,7 @@ _PRESETS: dict[str, Callable[[], ModelConfig]] = {
     # The two side-by-side CPU benchmark configurations of shared/BENCHMARKS.md.
     "bench-small": lambda: _bench(256, 4, 128, 64, 32, 16),
     "bench-d512": lambda: _bench(512, 8, 256, 128, 64, 32),
+    **DENSE_PRESETS,  # the R1-Distill bases and the tiny Qwen / Llama students
 }
 
 

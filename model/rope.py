@@ -1,7 +1,9 @@
-"""Rotary position embeddings with interleaved pairs, and YaRN context extension.
+"""Rotary position embeddings: MLA's interleaved pairs with YaRN, and the dense students'
+rotate-half layout with Llama 3's frequency scaling.
 
-Pairs are (x[2i], x[2i+1]) as in DeepSeek's official code (HF reaches the same scores with
-`rope_interleave=True`, which de-interleaves both q and k before rotating).
+MLA's pairs are (x[2i], x[2i+1]) as in DeepSeek's official code (HF reaches the same scores
+with `rope_interleave=True`, which de-interleaves both q and k before rotating). Llama and
+Qwen checkpoints pair x[i] with x[i + d/2] (transformers' `rotate_half`), so GQA rotates so.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.config import MLAConfig, YarnConfig
+from model.config import GQAConfig, MLAConfig, YarnConfig
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:
@@ -76,3 +78,37 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def gqa_frequencies(cfg: GQAConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2] of a GQA head, with Llama 3's scaling when set."""
+    dim = cfg.head_dim
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    s = cfg.llama3_scaling
+    if s is not None:
+        wavelen = 2 * math.pi / freqs
+        low_wavelen = s.original_max_position / s.low_freq_factor  # longer: divided by factor
+        high_wavelen = s.original_max_position / s.high_freq_factor  # shorter: kept
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        between = (1 - smooth) * freqs / s.factor + smooth * freqs
+        freqs = np.where(
+            wavelen < high_wavelen,
+            freqs,
+            np.where(wavelen > low_wavelen, freqs / s.factor, between),
+        )
+    return freqs.astype(np.float32)
+
+
+def gqa_cos_sin(cfg: GQAConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [*positions.shape, head_dim/2] in float32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(gqa_frequencies(cfg))
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate (x[i], x[i + d/2]) pairs of x [..., d]; cos/sin broadcast to [..., d/2]."""
+    x32 = x.astype(jnp.float32)
+    x0, x1 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x0 * cos - x1 * sin, x1 * cos + x0 * sin], axis=-1).astype(x.dtype)

@@ -13,7 +13,8 @@ from flax import struct
 
 from model.cache import LayerKV, Mode
 from model.config import ModelConfig, RematPolicy
-from model.layers import MLP, Linear, RMSNorm, partitioned_normal
+from model.gqa import GQA, KV
+from model.layers import MLP, Linear, RMSNorm, partitioned_normal, project
 from model.mla import MLA
 from model.moe import MoE
 
@@ -39,9 +40,10 @@ class Aux:
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(.)) with a dense MLP or an MoE.
+    """Pre-norm block: x + Attention(norm(x)), then + FFN(norm(.)) with a dense MLP or an MoE;
+    the attention is MLA or GQA as the config says.
 
-    Returns (x', (MoEAux or None, the attention's latent KV or None)).
+    Returns (x', (MoEAux or None, the attention's KV or None)).
     """
 
     cfg: ModelConfig
@@ -52,17 +54,22 @@ class Block(nn.Module):
     def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache=None, cache_mask=None):
         c = self.cfg
         norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
-        attn = MLA(
-            c.mla,
-            c.d_model,
-            c.norm_eps,
-            c.init_std,
-            c.dtype,
-            c.param_dtype,
-            self.mode,
-            c.fp8,
-            name="attn",
-        )
+        if c.gqa is not None:
+            attn = GQA(
+                c.gqa, c.d_model, c.init_std, c.dtype, c.param_dtype, self.mode, c.fp8, name="attn"
+            )
+        else:
+            attn = MLA(
+                c.mla,
+                c.d_model,
+                c.norm_eps,
+                c.init_std,
+                c.dtype,
+                c.param_dtype,
+                self.mode,
+                c.fp8,
+                name="attn",
+            )
         x_BxTxD = nn.with_logical_constraint(x_BxTxD, BTD)
         attn_out, kv = attn(
             norm("attn_norm")(x_BxTxD), positions_BxT, segment_ids_BxT, cache, cache_mask
@@ -145,7 +152,10 @@ class Transformer(nn.Module):
             param_dtype=c.param_dtype,
             embedding_init=partitioned_normal(c.init_std, ("vocab", "embed")),
         )
-        self.lm_head = Linear(c.vocab_size, ("embed", "vocab"), c.init_std, c.dtype, c.param_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = Linear(
+                c.vocab_size, ("embed", "vocab"), c.init_std, c.dtype, c.param_dtype
+            )
         self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.param_dtype)
         if c.num_dense_layers:
             self.dense_layers = scan_blocks(c, False, c.num_dense_layers, self.mode)
@@ -170,8 +180,13 @@ class Transformer(nn.Module):
         return self.embed(tokens_BxT)
 
     def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
-        """Output head in float32 over final-normed hidden states."""
-        out = self.lm_head(hidden_BxTxD).astype(jnp.float32)
+        """Output head in float32 over final-normed hidden states (the embedding's transpose
+        when tied)."""
+        if self.cfg.tie_embeddings:
+            table = jnp.asarray(self.embed.embedding, self.cfg.dtype)
+            out = project(hidden_BxTxD.astype(self.cfg.dtype), table.T).astype(jnp.float32)
+        else:
+            out = self.lm_head(hidden_BxTxD).astype(jnp.float32)
         return nn.with_logical_constraint(
             out, ("activation_batch", "activation_length", "activation_vocab")
         )
@@ -221,10 +236,10 @@ class Transformer(nn.Module):
         tokens_BxT: jax.Array,
         positions_BxT: jax.Array,
         segment_ids_BxT: jax.Array | None,
-        cache: dict[str, LayerKV] | None,
+        cache: dict[str, LayerKV | KV] | None,
         cache_mask_BxTxS: jax.Array | None,
-    ) -> tuple[jax.Array, jax.Array, dict[str, LayerKV]]:
-        """(logits [B, T, V], final hidden [B, T, D], {stack: latent KV of the T tokens}).
+    ) -> tuple[jax.Array, jax.Array, dict[str, LayerKV | KV]]:
+        """(logits [B, T, V], final hidden [B, T, D], {stack: KV of the T tokens}).
 
         PREFILL: a full (left-padded) prompt, no cache. DECODE*: new tokens over the cache.
         """

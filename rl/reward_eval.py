@@ -107,7 +107,7 @@ def load_reward_model(run_dir: str | Path) -> TrainedRewardModel:
     data = _data_config(saved["data"])
     variables, step = newest_weights(run_dir, jax.eval_shape(lambda: _abstract_variables(cfg)))
     return TrainedRewardModel(
-        cfg, variables["params"], variables["router_bias"], tokenizer, data, step
+        cfg, variables["params"], variables.get("router_bias", {}), tokenizer, data, step
     )
 
 

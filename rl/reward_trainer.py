@@ -140,7 +140,9 @@ def initial_state(
         )
 
     # Copies: the step donates the state's buffers, and the caller keeps the base.
-    base = jax.tree.map(jnp.copy, {"params": base["params"], "router_bias": base["router_bias"]})
+    base = jax.tree.map(
+        jnp.copy, {"params": base["params"], "router_bias": base.get("router_bias", {})}
+    )
     with parallel.activate():
         state = jax.jit(build, out_shardings=shardings)(base["params"], base["router_bias"])
     return state, shardings

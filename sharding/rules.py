@@ -45,6 +45,7 @@ _FSDP_EP = (
 _FSDP_EP_TP = (
     *_FSDP_EP,
     ("heads", ("tensor",)),
+    ("kv_heads", ("tensor",)),  # GQA's K/V heads (kept whole when tensor does not divide them)
     ("mlp", ("tensor",)),
     ("vocab", ("tensor",)),
     ("activation_heads", ("tensor",)),

@@ -12,6 +12,9 @@ from model import ModelConfig
 
 
 def _attention_flops(cfg: ModelConfig, seq_len: int, layers: int) -> float:
+    if cfg.gqa is not None:
+        per_layer = 2 * seq_len * cfg.gqa.num_heads * 2 * cfg.gqa.head_dim
+        return float(per_layer * layers)
     mla = cfg.mla
     per_layer = 2 * seq_len * mla.num_heads * (mla.qk_head_dim + mla.v_head_dim)
     return float(per_layer * layers)
@@ -19,13 +22,16 @@ def _attention_flops(cfg: ModelConfig, seq_len: int, layers: int) -> float:
 
 def _activated_block_params(cfg: ModelConfig) -> float:
     """Matmul parameters a token uses in one MTP block (MoE or dense, as in the model)."""
-    d, mla = cfg.d_model, cfg.mla
-    q = d * mla.num_heads * mla.qk_head_dim
-    if mla.q_lora_rank is not None:
-        q = d * mla.q_lora_rank + mla.q_lora_rank * mla.num_heads * mla.qk_head_dim
-    kv = d * (mla.kv_lora_rank + mla.qk_rope_head_dim)
-    kv += mla.kv_lora_rank * mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)
-    attn = q + kv + mla.num_heads * mla.v_head_dim * d
+    d, mla, g = cfg.d_model, cfg.mla, cfg.gqa
+    if g is not None:
+        attn = d * g.head_dim * (2 * g.num_heads + 2 * g.num_kv_heads)
+    else:
+        q = d * mla.num_heads * mla.qk_head_dim
+        if mla.q_lora_rank is not None:
+            q = d * mla.q_lora_rank + mla.q_lora_rank * mla.num_heads * mla.qk_head_dim
+        kv = d * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+        kv += mla.kv_lora_rank * mla.num_heads * (mla.qk_nope_head_dim + mla.v_head_dim)
+        attn = q + kv + mla.num_heads * mla.v_head_dim * d
     if cfg.mtp_uses_moe:
         moe = cfg.moe
         ffn = 3 * d * moe.expert_dim * (moe.top_k + moe.num_shared_experts) + d * moe.num_experts

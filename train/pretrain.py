@@ -97,7 +97,7 @@ def pretrain(config: PretrainConfig, run_dir: str | Path) -> dict[str, Any]:
         source, _ = latest_weights(config.init_from, cfg)
 
         def initial_state(fresh: TrainState) -> TrainState:
-            return fresh.replace(params=source["params"], router_bias=source["router_bias"])
+            return fresh.replace(params=source["params"], router_bias=source.get("router_bias", {}))
 
     # Each process reads its own documents and yields its own data.batch_size rows.
     shard = {"shard_index": jax.process_index(), "shard_count": jax.process_count()}

@@ -162,7 +162,7 @@ def sft(
         save_for_transformers(tokenizer, run_dir, config.data.layout)
 
     def initial_state(fresh: TrainState) -> TrainState:
-        return fresh.replace(params=base["params"], router_bias=base["router_bias"])
+        return fresh.replace(params=base["params"], router_bias=base.get("router_bias", {}))
 
     shard = {"shard_index": jax.process_index(), "shard_count": hosts}
 
