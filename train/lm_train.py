@@ -1,8 +1,8 @@
 """Language-model training on the one loop: the jitted next-token step (CE + MTP + balance
 loss, router bias update) over grain batches, sharded state, held-out evaluation.
 
-Pre-training and context extension call `train`; SFT and distillation will pass their own
-step and data to `train.loop.TrainLoop` the same way.
+Pre-training, context extension, SFT and logit distillation (SFT with a teacher) call
+`train`; GRPO and reward models pass their own step and data to `train.loop.TrainLoop`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from model import ModelConfig
 from sharding.mesh import Parallel, ParallelConfig, make_parallel
 from sharding.partition import global_batch
 from train.flops import flops_per_token
+from train.kd import KDConfig
 from train.loop import LoopConfig, RunResult, TrainLoop
 from train.metrics import Throughput
 from train.optimizer import OptimizerConfig, make_optimizer
@@ -50,14 +51,20 @@ def evaluate(
     batches: Iterable[dict],
     mtp_weight: float,
     parallel: Parallel | None = None,
+    *,
+    teacher: Callable[[dict], dict] | None = None,
+    kd_weight: float = 0.0,
 ) -> dict:
-    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum.
+    """Token-weighted held-out CE, mean MTP CE over depths, and their weighted sum; with a
+    `teacher` (distillation), the divergence "kd" and the loss (1 - kd_weight) CE + kd_weight kd.
 
     With `parallel`, batches are this process's rows of global batches."""
     totals: dict[str, list[float]] = {}
     for batch in batches:
         if parallel is not None:
             batch = global_batch(parallel, batch)
+        if teacher is not None:
+            batch = batch | teacher(batch)
         for name, (total, count) in jax.device_get(eval_step(variables, batch)).items():
             acc = totals.setdefault(name, [0.0, 0.0])
             acc[0] += float(total)
@@ -69,7 +76,11 @@ def evaluate(
     out = {"ce": means["ce"]}
     if depths:
         out["mtp_loss"] = float(np.mean(depths))
-    out["loss"] = out["ce"] + mtp_weight * out.get("mtp_loss", 0.0)
+    main = out["ce"]
+    if "kd" in means:
+        out["kd"] = means["kd"]
+        main = (1 - kd_weight) * out["ce"] + kd_weight * out["kd"]
+    out["loss"] = main + mtp_weight * out.get("mtp_loss", 0.0)
     return out
 
 
@@ -90,6 +101,8 @@ def train(
     config: Mapping[str, Any] | None = None,
     evaluate_first: bool = False,
     evaluate_more: Callable[[ModelConfig, dict], dict] | None = None,
+    kd: KDConfig | None = None,
+    teacher: Callable[[dict], dict] | None = None,
 ) -> RunResult:
     """Train to loop_cfg.steps, resuming from run_dir/checkpoints when one is there.
 
@@ -102,8 +115,11 @@ def train(
     here); a rerun that changes a field outside SAFE_FIELDS is refused before anything runs.
     `evaluate_first`: evaluate before the first step too; `evaluate_more(cfg, variables)`:
     more held-out metrics at each evaluation (e.g. greedy task scores), logged beside the
-    losses.
+    losses. `kd` and `teacher` (train/kd.py: `teacher(global batch)` gives the teacher's
+    outputs) distil into the model; both or neither.
     """
+    if (kd is None) != (teacher is None):
+        raise ValueError("train: pass both kd and teacher (distillation) or neither")
     if config is None:
         config = {
             "model": to_json(model_cfg),
@@ -126,23 +142,30 @@ def train(
 
     batch_sharding = parallel.batch_sharding()
     train_step = jax.jit(
-        make_train_step(model_cfg, loss_cfg, optimizer, opt_cfg.schedule),
+        make_train_step(model_cfg, loss_cfg, optimizer, opt_cfg.schedule, kd),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, parallel.replicated()),
         donate_argnums=0,
     )
     eval_step = jax.jit(
-        make_eval_step(model_cfg, loss_cfg), in_shardings=(shardings.variables, batch_sharding)
+        make_eval_step(model_cfg, loss_cfg, kd),
+        in_shardings=(shardings.variables, batch_sharding),
     )
 
     def step_fn(state: TrainState, step: int):
-        return train_step(state, global_batch(parallel, next(train_iter)))
+        batch = global_batch(parallel, next(train_iter))
+        if teacher is not None:
+            batch = batch | teacher(batch)
+        return train_step(state, batch)
 
     def run_eval(state: TrainState, step: int) -> dict:
         metrics = {}
         if eval_batches is not None and loop_cfg.eval_batches > 0:
             mtp_weight = float(loss_cfg.mtp_weight_at(schedule_step(state)))
-            metrics = evaluate(eval_step, state.variables, eval_batches(), mtp_weight, parallel)
+            metrics = evaluate(
+                eval_step, state.variables, eval_batches(), mtp_weight, parallel,
+                teacher=teacher, kd_weight=0.0 if kd is None else kd.weight,
+            )  # fmt: skip
         if evaluate_more is not None:
             metrics |= evaluate_more(model_cfg, state.variables)
         return metrics

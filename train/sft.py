@@ -29,6 +29,7 @@ from sharding.mesh import ParallelConfig, make_parallel
 from train import sft_data
 from train.chat import Conversation, save_for_transformers
 from train.data import TOKENIZER_FILE
+from train.kd import KDConfig, check_same_vocabulary, teacher_outputs
 from train.lm_train import SAFE_FIELDS, train
 from train.loop import LoopConfig
 from train.metrics import read_metrics
@@ -62,10 +63,15 @@ class SFTConfig:
     loop: LoopConfig = dataclasses.field(default_factory=lambda: LoopConfig(eval_every=50))
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     seed: int = 0
+    # Logit-level distillation from a teacher with the same tokenizer (train/kd.py); None:
+    # plain SFT (which is sequence-level distillation when the data are a teacher's samples).
+    kd: KDConfig | None = None
 
     def __post_init__(self):
         if self.init_from is not None and self.hf_checkpoint is not None:
             raise ValueError("SFTConfig: set one of init_from (a run dir) and hf_checkpoint")
+        if self.kd is not None and not isinstance(self.kd, KDConfig):
+            raise ValueError(f"SFTConfig.kd must be a KDConfig or None, got {self.kd!r}")
         if not self.loss.mask_documents:
             raise ValueError("SFTConfig.loss.mask_documents must be True (SFT masks samples)")
         if self.optimizer.schedule != LRSchedule():
@@ -172,6 +178,12 @@ def sft(
     more = None
     if evaluate_more is not None:
         more = lambda model_cfg, variables: evaluate_more(model_cfg, variables, tokenizer)
+    teacher = None
+    if config.kd is not None:
+        kd = config.kd
+        t_cfg, t_vars, t_tok = load_base(kd.teacher_run, kd.teacher_hf, what="KDConfig")
+        check_same_vocabulary(t_cfg, t_tok, cfg, tokenizer)
+        teacher = teacher_outputs(t_cfg, t_vars, kd, config.loss.mask_documents)
     loop_cfg = dataclasses.replace(config.loop, steps=steps)
     result = train(
         run_dir,
@@ -189,6 +201,8 @@ def sft(
         config=run_config,
         evaluate_first=True,
         evaluate_more=more,
+        kd=config.kd,
+        teacher=teacher,
     )
     evals = _eval_records(run_dir)
     summary = {

@@ -23,6 +23,7 @@ import optax
 
 import model
 from model import ModelConfig
+from train.kd import KDConfig, kd_sum
 from train.losses import cross_entropy
 from train.optimizer import LRSchedule, update_count
 from train.state import TrainState
@@ -198,8 +199,11 @@ def objective(
     step: jax.Array,
     counts: dict | None = None,
     share: float = 1.0,
+    kd: KDConfig | None = None,
 ) -> tuple[jax.Array, tuple[dict, model.transformer.Aux]]:
-    """(CE + lambda * mean MTP CE + the configured balance term, (metrics, routing aux)).
+    """(CE + lambda * mean MTP CE + the configured balance term, (metrics, routing aux)); with
+    `kd`, (1 - kd.weight) * CE + kd.weight * the divergence to the teacher's outputs in the
+    batch (train/kd.py) in place of CE.
 
     For a micro-batch: `counts` are the whole batch's `token_counts` (the CE sums are divided
     by them) and `share` its fraction of the rows (it weighs the per-row balance terms), so the
@@ -209,6 +213,12 @@ def objective(
     if counts is None:
         counts = {name: count for name, (_, count) in sums.items()}
     ce = _mean((sums["ce"][0], counts["ce"]))
+    extra = {}
+    if kd is not None:
+        _, mask = loss_targets(cfg, batch, loss_cfg.mask_documents)["ce"]
+        extra["kd"] = _mean((kd_sum(kd, out.logits, batch, mask), counts["ce"]))
+        extra["sft_ce"] = ce
+        ce = (1 - kd.weight) * ce + kd.weight * extra["kd"]
     depths = [_mean((sums[f"mtp_{k}"][0], counts[f"mtp_{k}"])) for k in range(1, cfg.mtp_depth + 1)]
     mtp = jnp.mean(jnp.stack(depths)) if depths else jnp.zeros((), jnp.float32)
     aux = out.aux
@@ -229,6 +239,7 @@ def objective(
         # prompts are processed but not trained).
         "tokens": _real_tokens(batch),
         "trained_tokens": sums["ce"][1],
+        **extra,
     }
     return loss, (metrics, aux)
 
@@ -287,16 +298,19 @@ def make_train_step(
     loss_cfg: LossConfig,
     optimizer: optax.GradientTransformation,
     schedule: LRSchedule,
+    kd: KDConfig | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """A pure `train_step(state, batch) -> (state, metrics)` (jit it with donation).
 
     `schedule` must be the optimizer's (the logged learning rate is `schedule` at the
-    optimizer's update count, the one it applies).
+    optimizer's update count, the one it applies). With `kd`, batches carry the teacher's
+    outputs and the loss distils (see `objective`).
     """
 
     def loss_fn(params, state: TrainState, batch: dict, step: jax.Array, *micro):
         variables = {"params": params, "router_bias": state.router_bias}
-        return objective(cfg, loss_cfg, variables, batch, step, *micro)
+        counts, share = micro if micro else (None, 1.0)
+        return objective(cfg, loss_cfg, variables, batch, step, counts, share, kd)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -353,12 +367,19 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(cfg: ModelConfig, loss_cfg: LossConfig) -> Callable[[dict, dict], dict]:
+def make_eval_step(
+    cfg: ModelConfig, loss_cfg: LossConfig, kd: KDConfig | None = None
+) -> Callable[[dict, dict], dict]:
     """`eval_step(variables, batch) -> {name: (sum, count)}` for averaging over held-out
-    batches (variables: {'params', 'router_bias'}, e.g. `state.variables`)."""
+    batches (variables: {'params', 'router_bias'}, e.g. `state.variables`); with `kd`, also
+    the divergence to the teacher ("kd")."""
 
     def eval_step(variables: dict, batch: dict) -> dict:
         out = forward(cfg, variables, batch, loss_cfg.mask_documents)
-        return token_losses(cfg, out, batch, loss_cfg.mask_documents)
+        sums = token_losses(cfg, out, batch, loss_cfg.mask_documents)
+        if kd is not None:
+            _, mask = loss_targets(cfg, batch, loss_cfg.mask_documents)["ce"]
+            sums["kd"] = (kd_sum(kd, out.logits, batch, mask), sums["ce"][1])
+        return sums
 
     return eval_step
