@@ -243,6 +243,7 @@ def distill_on_policy(
         picked = jnp.take_along_axis(t_logp, jnp.asarray(tokens[:, 1:, None]), -1)[..., 0]
         metrics |= {
             "on_policy": float(on_policy),
+            "tokens": float(tokens[:, :-1].size),  # per row: sampled (when on-policy), scored
             "completion_len_mean": float(np.mean(lengths)),
             "teacher_logp_mean": float((picked * mask).sum() / max(mask.sum(), 1.0)),
         }

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from experiments import r1
+from experiments import distill, r1
 from experiments import v3_post_training as v3
 from train.metrics import read_metrics
 
@@ -126,6 +126,44 @@ def test_v3_post_training_builds_on_the_r1_run(r1_toy, tmp_path):
     }  # fmt: skip
     steps = [r for r in read_metrics(tmp_path / "rl_seed0") if "reward_mean" in r]
     assert [r["step"] for r in steps] == [1, 2]
+
+
+@pytest.mark.slow  # two tiny students through every distillation stage: ~3 minutes on 2 cores
+def test_distill_teaches_dense_students_from_the_r1_teacher(r1_toy, tmp_path):
+    r1_config, r1_dir = r1_toy
+    c = distill.get_config()
+    on_policy = dataclasses.replace(
+        c.on_policy, steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8,
+        eval_every=2, checkpoint_every=2, progress=False, plots=False,
+    )  # fmt: skip
+    config = dataclasses.replace(
+        c, r1=r1_config, r1_run=str(r1_dir), reasoning_prompts=4, general_conversations=6,
+        rejection=dataclasses.replace(
+            c.rejection, samples_per_prompt=2, max_new_tokens=8, progress=False
+        ),
+        sft=_sft(c.sft), on_policy=on_policy, grpo=_grpo(c.grpo),
+    )  # fmt: skip
+    distill.run(config, tmp_path)
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    for student in ("qwen-tiny", "llama-tiny"):
+        for stage in ("base", "seq-SFT", "logit KD", "on-policy", "GRPO"):
+            row = rows[f"{student} {stage}"]
+            assert row["student_pflops"] > 0 and "arithmetic_en" in row, (student, stage)
+        # Logit KD and on-policy distillation ran the teacher; seq-SFT and GRPO did not.
+        assert rows[f"{student} logit KD"]["teacher_pflops"] > 0
+        assert rows[f"{student} on-policy"]["teacher_pflops"] > 0
+        assert rows[f"{student} seq-SFT"]["teacher_pflops"] == 0
+        # The students share the r1 base's tokenizer and are dense GQA models.
+        base = json.loads((tmp_path / student / "base" / "config.json").read_text())
+        assert base["model"]["gqa"] is not None and base["model"]["mla"] is None
+        assert (tmp_path / student / "base" / "tokenizer.json").read_bytes() == (
+            r1_dir / "base" / "tokenizer.json"
+        ).read_bytes()
+        kd = json.loads((tmp_path / student / "logit_kd" / "config.json").read_text())
+        assert kd["kd"]["teacher_run"] == str(r1_dir / "stage4_seed0")
+        assert [r["step"] for r in read_metrics(tmp_path / student / "on_policy")
+                if "kd" in r] == [1, 2]  # fmt: skip
+    assert "| qwen-tiny logit KD |" in (tmp_path / "table.md").read_text(encoding="utf-8")
 
 
 def test_config_errors_name_the_field():
