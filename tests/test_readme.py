@@ -45,6 +45,11 @@ _TRAINING = {
     "reasoning_tasks(Split.HELDOUT, 110,": "reasoning_tasks(Split.HELDOUT, 5,",
     "general_tasks(Split.HELDOUT, 48,": "general_tasks(Split.HELDOUT, 3,",
     "max_new_tokens=192)": "max_new_tokens=8)",
+    '"runs/my-student"': "STUDENT_DIR",
+    "SFTConfig(hf_checkpoint=": "tiny_sft(hf_checkpoint=",
+    '"runs/my-kd"': "KD_DIR",
+    '"runs/my-opd"': "OPD_DIR",
+    "config=OnPolicyConfig(steps=100)": "config=tiny_on_policy()",
 }
 
 
@@ -77,6 +82,7 @@ def _split() -> tuple[list, list]:
         "from rl.grpo import GRPOConfig, train_grpo, constant_lr",
         'from rl.preferences import preference_pairs  # or load_pairs("pairs.jsonl"), TRL layout',
         "from rl import world, world_rewards",
+        "import jax",  # Dense students and distillation
     ], f"README python blocks changed; wire each into tests/test_readme.py: {heads}"
     return blocks[:2], blocks[2:]
 
@@ -152,6 +158,13 @@ def _tiny_grpo(**fields):
     return dataclasses.replace(GRPOConfig(**fields), **small, progress=False, plots=False)
 
 
+def _tiny_on_policy():
+    from rl.on_policy_distill import OnPolicyConfig
+
+    return OnPolicyConfig(steps=1, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
+                          progress=False, plots=False)  # fmt: skip
+
+
 @pytest.mark.slow
 def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -166,6 +179,10 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
         "RUN_DIR": str(tmp_path / "my-run"),
         "SFT_DIR": str(tmp_path / "my-sft"),
         "GRPO_DIR": str(tmp_path / "my-grpo"),
+        "tiny_on_policy": _tiny_on_policy,
+        "STUDENT_DIR": str(tmp_path / "my-student"),
+        "KD_DIR": str(tmp_path / "my-kd"),
+        "OPD_DIR": str(tmp_path / "my-opd"),
     }
     _run(_split()[1], _TRAINING, namespace)
     assert namespace["summary"]["steps"] == 2 and namespace["run"].step == 2
@@ -174,3 +191,4 @@ def test_readme_training_and_rl_blocks_run(tmp_path, monkeypatch):
     assert namespace["rm_summary"]["steps"] == 2 and 0 <= namespace["unseen"]["accuracy"] <= 1
     assert namespace["stats"]["drawn"] == 6 and (tmp_path / "my-rs" / "samples.jsonl").is_file()
     assert len(namespace["records"]) == 8 and {"format", "helpful"} <= set(namespace["row"])
+    assert namespace["kd_summary"]["steps"] == 2 and namespace["opd"].step == 1
