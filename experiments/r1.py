@@ -43,12 +43,11 @@ did), so its accuracy and response length are reported on their own.
 
 Measured 2026-12-02 on 2 CPU cores with the defaults: 62 minutes (README, "The R1 pipeline on
 a CPU", has the table). Held: the cold start's readable format and accuracy before any RL
-(format 0 -> 0.74, arithmetic 0.74 / 0.78 en / zh), and R1-Zero's language mixing (consistency
-0.66-0.68 against 0.98-1.00 after a cold start). Not seen: the language reward's trade-off
-(consistency was already 1.00), reasoning kept through stage 3 (its 29 SFT steps from the base
-lost the layout; general prompts gained), stage 4 without reward hacking (the helpfulness
-model's score rose to ~5 while the rule check fell to 0), any countdown learning. Stage-2 RL
-raised format and shortened answers but lowered accuracy (KL 0.7 at lr 2e-4).
+(format 0 -> 0.82, arithmetic 0.79 / 0.56 en / zh), kept through reasoning RL (format 0.99);
+R1-Zero's language mixing (consistency 0.70-0.89 against 0.99-1.00 after a cold start);
+stage 4 raising the reward models' scores with the rule check held (0.31-0.33). Not seen: the
+language reward's trade-off (consistency was already 1.00), English reasoning kept through
+stage 3's retraining from the base (0.11; Chinese 0.69), any countdown learning.
 """
 
 from __future__ import annotations
