@@ -74,6 +74,32 @@ def test_a_v3_teacher_distils_into_a_dense_student(checkpoints, tmp_path, top_k)
     np.testing.assert_allclose([r["loss"] for r in train], [r["kd"] for r in train], rtol=1e-5)
 
 
+def test_precomputed_topk_trains_as_the_teacher_on_every_batch(checkpoints, tmp_path):
+    """The teacher's top-k from disk, packed with the tokens, gives the losses of running the
+    teacher on each batch; a rerun reuses the file."""
+    losses = {}
+    for precompute in (False, True):
+        kd = KDConfig(teacher_hf=str(checkpoints["teacher"]), weight=0.6, beta=0.2, top_k=6,
+                      temperature=1.5, precompute=precompute)  # fmt: skip
+        config = SFTConfig(
+            hf_checkpoint=str(checkpoints["student"]), data=DATA, peak_lr=3e-3, min_lr=3e-3,
+            epochs=None, loop=dataclasses.replace(LOOP, steps=4, eval_every=4), kd=kd,
+        )  # fmt: skip
+        run_dir = tmp_path / f"precompute_{precompute}"
+        sft(config, run_dir, conversations=conversations(60))
+        train = [(r["loss"], r["kd"]) for r in read_metrics(run_dir) if "kd" in r]
+        losses[precompute] = [x for pair in train for x in pair]
+        losses[precompute] += [r["eval/kd"] for r in _kd_records(run_dir)]
+        assert len(losses[precompute]) == 2 * 4 + 2
+    np.testing.assert_allclose(losses[True], losses[False], rtol=2e-5)
+    cache = tmp_path / "precompute_True" / "teacher_topk.npz"
+    written = cache.stat().st_mtime_ns
+    sft(config, tmp_path / "precompute_True", conversations=conversations(60))  # finished
+    assert cache.stat().st_mtime_ns == written
+    with pytest.raises(ValueError, match="set top_k"):
+        KDConfig(teacher_run="x", precompute=True)
+
+
 def test_self_distillation_starts_at_zero_and_mixes_with_ce(checkpoints, tmp_path):
     kd = KDConfig(teacher_hf=str(checkpoints["student"]), weight=0.25, beta=0.5, temperature=2.0)
     config = SFTConfig(

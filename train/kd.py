@@ -38,6 +38,9 @@ class KDConfig:
     beta: float = 0.0  # 0 forward KL, 1 reverse KL, between: generalised JSD
     temperature: float = 1.0
     top_k: int | None = None  # only the teacher's k most likely tokens (None: all)
+    # Compute the teacher's top-k over the data once, to run_dir/teacher_topk.npz, instead of
+    # running the teacher on every batch (train/kd_cache.py); needs top_k.
+    precompute: bool = False
 
     def __post_init__(self):
         if (self.teacher_run is None) == (self.teacher_hf is None):
@@ -51,6 +54,8 @@ class KDConfig:
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
             raise ValueError(f"KDConfig.top_k must be None or an int >= 1, got {self.top_k!r}")
+        if self.precompute and self.top_k is None:
+            raise ValueError("KDConfig.precompute keeps the teacher's top-k on disk: set top_k")
 
 
 def check_same_vocabulary(

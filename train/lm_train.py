@@ -116,10 +116,10 @@ def train(
     `evaluate_first`: evaluate before the first step too; `evaluate_more(cfg, variables)`:
     more held-out metrics at each evaluation (e.g. greedy task scores), logged beside the
     losses. `kd` and `teacher` (train/kd.py: `teacher(global batch)` gives the teacher's
-    outputs) distil into the model; both or neither.
+    outputs) distil into the model; without `teacher`, the batches carry them (precomputed).
     """
-    if (kd is None) != (teacher is None):
-        raise ValueError("train: pass both kd and teacher (distillation) or neither")
+    if teacher is not None and kd is None:
+        raise ValueError("train: a teacher needs kd (the distillation loss)")
     if config is None:
         config = {
             "model": to_json(model_cfg),

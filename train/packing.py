@@ -29,6 +29,7 @@ import numpy as np
 
 TOKENS = "tokens"
 TRAINED = "trained"  # optional per-token flag: 1 where the token is a training target
+TEACHER = "teacher_"  # prefix of optional per-token teacher outputs (train/kd_cache.py)
 
 
 def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
@@ -39,10 +40,13 @@ def pack(ds: grain.IterDataset, seq_len: int) -> grain.IterDataset:
     return grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={TOKENS: seq_len + 1})
 
 
-def pack_whole(ds: grain.IterDataset, seq_len: int, num_bins: int) -> grain.IterDataset:
+def pack_whole(
+    ds: grain.IterDataset, seq_len: int, num_bins: int, extra: tuple[str, ...] = ()
+) -> grain.IterDataset:
     """First-fit rows of `seq_len + 1` tokens from whole sequences {"tokens", "trained"}
-    (each at most seq_len + 1 long), in `num_bins` bins at a time; rows are padded."""
-    length = {TOKENS: seq_len + 1, TRAINED: seq_len + 1}
+    (each at most seq_len + 1 long), in `num_bins` bins at a time; rows are padded. `extra`
+    features are per-token arrays [T, ...] packed along with the tokens (a teacher's top-k)."""
+    length = {TOKENS: seq_len + 1, TRAINED: seq_len + 1} | dict.fromkeys(extra, seq_len + 1)
     return grain.experimental.FirstFitPackIterDataset(
         ds, length_struct=length, num_packing_bins=num_bins, shuffle_bins=False
     )
@@ -72,13 +76,18 @@ def to_batch(
         positions_BxL = np.broadcast_to(np.arange(L, dtype=np.int32), input_segments_BxL.shape)
     if TRAINED in rows:
         real_target_BxL &= np.asarray(rows[TRAINED])[:, 1:] != 0
-    return {
+    batch = {
         "inputs": np.ascontiguousarray(tokens_BxR[:, :-1]),
         "targets": np.ascontiguousarray(tokens_BxR[:, 1:]),
         "segment_ids": np.ascontiguousarray(input_segments_BxL),
         "positions": np.ascontiguousarray(positions_BxL),
         "loss_mask": real_target_BxL.astype(np.float32),
     }
+    # Per-token teacher outputs at input positions (what the teacher predicts for the target).
+    for name in rows:
+        if name.startswith(TEACHER) and not name.endswith(("_segment_ids", "_positions")):
+            batch[name] = np.ascontiguousarray(np.asarray(rows[name])[:, :-1])
+    return batch
 
 
 def packing_efficiency(batch: dict[str, np.ndarray]) -> float:

@@ -30,6 +30,7 @@ from train import sft_data
 from train.chat import Conversation, save_for_transformers
 from train.data import TOKENIZER_FILE
 from train.kd import KDConfig, check_same_vocabulary, teacher_outputs
+from train.kd_cache import with_teacher_topk
 from train.lm_train import SAFE_FIELDS, train
 from train.loop import LoopConfig
 from train.metrics import read_metrics
@@ -163,6 +164,23 @@ def sft(
         steps = max(math.ceil(config.epochs * rows / (config.data.batch_size * hosts)), 1)
     log.info("SFT: %d conversations, %d rows per epoch, %d steps; %s", len(data.train), rows,
              steps, data.stats)  # fmt: skip
+    teacher = None
+    if config.kd is not None:
+        kd = config.kd
+        step = None
+        if kd.teacher_run is not None:
+            found = load_run(kd.teacher_run)
+            t_cfg, t_vars, t_tok, step = found.cfg, found.variables, found.tokenizer, found.step
+        else:
+            t_cfg, t_vars, t_tok = load_base(None, kd.teacher_hf, what="KDConfig")
+        check_same_vocabulary(t_cfg, t_tok, cfg, tokenizer)
+        if kd.precompute:
+            source = str(Path(kd.teacher_run or kd.teacher_hf).resolve())
+            data = with_teacher_topk(data, t_cfg, t_vars, kd.top_k, run_dir, source=source,
+                                     step=step)  # fmt: skip
+            del t_vars  # the run reads the teacher's top-k from disk
+        else:
+            teacher = teacher_outputs(t_cfg, t_vars, kd, config.loss.mask_documents)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / TOKENIZER_FILE).exists():
         save_for_transformers(tokenizer, run_dir, config.data.layout)
@@ -178,12 +196,6 @@ def sft(
     more = None
     if evaluate_more is not None:
         more = lambda model_cfg, variables: evaluate_more(model_cfg, variables, tokenizer)
-    teacher = None
-    if config.kd is not None:
-        kd = config.kd
-        t_cfg, t_vars, t_tok = load_base(kd.teacher_run, kd.teacher_hf, what="KDConfig")
-        check_same_vocabulary(t_cfg, t_tok, cfg, tokenizer)
-        teacher = teacher_outputs(t_cfg, t_vars, kd, config.loss.mask_documents)
     loop_cfg = dataclasses.replace(config.loop, steps=steps)
     result = train(
         run_dir,

@@ -71,6 +71,9 @@ class SFTData:
     train: tuple[Rendered, ...]
     heldout: tuple[Rendered, ...]
     stats: dict[str, int]
+    # Per split, per conversation: {name: array [T, ...]} packed with its tokens (a teacher's
+    # precomputed top-k, train/kd_cache.py); None: none.
+    teacher: dict[Split, tuple[dict[str, np.ndarray], ...]] | None = None
 
     def split(self, split: Split) -> tuple[Rendered, ...]:
         return self.train if split is Split.TRAIN else self.heldout
@@ -120,14 +123,22 @@ def prepare(
     return SFTData(tuple(splits[Split.TRAIN]), tuple(splits[Split.HELDOUT]), stats)
 
 
-def _features(rendered: Rendered) -> dict[str, np.ndarray]:
-    return {packing.TOKENS: rendered.ids, packing.TRAINED: rendered.trained.astype(np.int32)}
+def _features(item) -> dict[str, np.ndarray]:
+    rendered, extra = item if isinstance(item, tuple) else (item, {})
+    return {
+        packing.TOKENS: rendered.ids,
+        packing.TRAINED: rendered.trained.astype(np.int32),
+        **extra,
+    }
 
 
-def _rows(cfg: SFTDataConfig, conversations: grain.MapDataset) -> grain.IterDataset:
-    """First-fit packed rows of rendered conversations, in order."""
+def _rows(
+    cfg: SFTDataConfig, conversations: grain.MapDataset, extra: tuple[str, ...] = ()
+) -> grain.IterDataset:
+    """First-fit packed rows of rendered conversations (with their `extra` features), in
+    order."""
     ds = conversations.map(_features).to_iter_dataset()
-    return packing.pack_whole(ds, cfg.seq_len, cfg.packing_bins)
+    return packing.pack_whole(ds, cfg.seq_len, cfg.packing_bins, extra)
 
 
 def make_iterator(
@@ -141,12 +152,16 @@ def make_iterator(
 ) -> grain.DatasetIterator:
     """Batches of packed conversations: TRAIN endless and reshuffled each epoch, HELDOUT one
     pass (its last batch padded with empty rows). Checkpointable (get_state / set_state)."""
-    ds = grain.MapDataset.source(list(data.split(split)))
+    items, extra = list(data.split(split)), ()
+    if data.teacher is not None:
+        items = list(zip(items, data.teacher[split], strict=True))
+        extra = tuple(data.teacher[split][0]) if data.teacher[split] else ()
+    ds = grain.MapDataset.source(items)
     if split is Split.TRAIN:
         ds = ds.shuffle(seed=cfg.seed).repeat(None)
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
-    rows = _rows(cfg, ds)
+    rows = _rows(cfg, ds, extra)
     if split is Split.TRAIN:
         batches = rows.batch(cfg.batch_size, drop_remainder=True)
     else:
