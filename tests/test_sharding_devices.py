@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import model
+from model.config import GQAConfig, ModelConfig
 from sharding.mesh import ParallelConfig, make_parallel
 from sharding.partition import global_batch
 from sharding.rules import Rules
@@ -53,9 +54,9 @@ def _single_device():
     return make_parallel(ParallelConfig(fsdp=1), devices=jax.devices()[:1])
 
 
-def _run(parallel):
+def _run(parallel, base_cfg=CFG):
     """(per-step losses, step-0 gradients, final state) of STEPS train steps."""
-    cfg = parallel.configure(CFG)
+    cfg = parallel.configure(base_cfg)
     state, shardings = init_state_sharded(cfg, OPTIMIZER, jax.random.key(0), parallel)
     step = jax.jit(
         make_train_step(cfg, LossConfig(), OPTIMIZER, SCHEDULE),
@@ -82,8 +83,28 @@ def _run(parallel):
 
 
 @functools.cache
-def _reference():
-    return _run(_single_device())
+def _reference(base_cfg=CFG):
+    return _run(_single_device(), base_cfg)
+
+
+# A dense GQA student (Qwen2-style: biases, tied head): 4 query heads over 2 KV heads.
+DENSE = ModelConfig(
+    vocab_size=128, d_model=64, num_layers=2, num_dense_layers=2, dense_dim=96, mla=None,
+    moe=None, gqa=GQAConfig(4, 2, 16, qkv_bias=True), tie_embeddings=True, max_seq_len=64,
+    init_std=0.2,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", ["fsdp", "fsdp_ep_tp"])
+def test_a_dense_student_on_8_devices_equals_one_device(preset):
+    want_losses, want_grads, _ = _reference(DENSE)
+    losses, grads, state = _run(make_parallel(PRESETS[preset]), DENSE)
+    np.testing.assert_allclose(losses, want_losses, atol=1e-5, rtol=0)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5)
+    if preset == "fsdp_ep_tp":  # K/V heads split over `tensor` like the query heads
+        assert _spec(state, "dense_layers", "attn", "wk") == (None, "fsdp", "tensor", None)
+        assert _spec(state, "dense_layers", "attn", "wq") == (None, "fsdp", "tensor", None)
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))
