@@ -2,8 +2,9 @@
 
     python -m experiments distill --run-dir runs/distill --set r1_run=runs/r1
 
-The teacher is the r1 experiment's final checkpoint (`teacher`, stage 4 seed 0; the r1 run is
-reused, or run in run_dir/r1). Two dense students, a tiny Qwen2-style (q/k/v biases, tied head)
+The teacher is an r1 checkpoint (`teacher`: stage 2 seed 0 by default, the measured run's
+strongest reasoner; R1 distilled its final model, `--set teacher=stage4_seed0`); the r1 run is
+reused, or run in run_dir/r1. Two dense students, a tiny Qwen2-style (q/k/v biases, tied head)
 and a tiny Llama-style (Llama 3 rope scaling, one KV head) model, are pre-trained on the r1
 base's corpus with its tokenizer (so logits compare id by id). Per student:
 
@@ -65,7 +66,9 @@ COLUMNS = (
 class DistillConfig:
     r1: r1_pipeline.R1Config = dataclasses.field(default_factory=r1_pipeline.R1Config)
     r1_run: str | None = None  # the r1 experiment's run dir; None: run_dir/r1
-    teacher: str = "stage4_seed0"  # the r1 stage whose checkpoint teaches
+    # The r1 stage whose checkpoint teaches: stage 2's, the strongest reasoner of the measured
+    # r1 run (R1 distilled its final model; ours lost English arithmetic in stage 3).
+    teacher: str = "stage2_seed0"
     students: tuple[str, ...] = ("qwen-tiny", "llama-tiny")  # model.presets names
     reasoning_prompts: int = 1000
     rejection: RejectionConfig = dataclasses.field(

@@ -112,11 +112,11 @@ def test_v3_post_training_builds_on_the_r1_run(r1_toy, tmp_path):
     )  # fmt: skip
     v3.run(config, tmp_path)
     table = (tmp_path / "table.md").read_text(encoding="utf-8")
-    for stage in ("base", "r1 stage4_seed0", "sft", "rl seed 0"):
+    for stage in ("base", "r1 stage2_seed0", "sft", "rl seed 0"):
         assert f"| {stage} |" in table
     # The reasoning data came from the r1 teacher, and SFT started from r1's base.
     samples = json.loads((tmp_path / "samples" / "config.json").read_text())
-    assert samples["policy"]["checkpoint"] == str(r1_dir / "stage4_seed0")
+    assert samples["policy"]["checkpoint"] == str(r1_dir / "stage2_seed0")
     assert json.loads((tmp_path / "sft" / "config.json").read_text())["init_from"] == str(
         r1_dir / "base"
     )
@@ -160,7 +160,7 @@ def test_distill_teaches_dense_students_from_the_r1_teacher(r1_toy, tmp_path):
             r1_dir / "base" / "tokenizer.json"
         ).read_bytes()
         kd = json.loads((tmp_path / student / "logit_kd" / "config.json").read_text())
-        assert kd["kd"]["teacher_run"] == str(r1_dir / "stage4_seed0")
+        assert kd["kd"]["teacher_run"] == str(r1_dir / "stage2_seed0")
         assert [r["step"] for r in read_metrics(tmp_path / student / "on_policy")
                 if "kd" in r] == [1, 2]  # fmt: skip
     assert "| qwen-tiny logit KD |" in (tmp_path / "table.md").read_text(encoding="utf-8")
