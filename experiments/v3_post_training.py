@@ -10,7 +10,7 @@ RL stage is GRPO with rule-based rewards (where a rule can check) and model-base
     r1       the r1 experiment in run_dir/r1 (or `r1_run`), reused when finished: its base,
              reward models and the teacher checkpoint (stage 2, first seed, by default)
     sft      rejection samples from the teacher on TRAIN reasoning prompts + general prompts
-             answered without a chain of thought, SFT from the base for 2 epochs (V3)
+             answered without a chain of thought, SFT from the base for 3 epochs (V3: 2)
     judge    a generative reward model: the base fine-tuned to critique an answer to a
              general prompt inside <think> and give `Score: 0-2` (rl/judge.py)
     rl       GRPO from sft on reasoning and general prompts: accuracy, format and language
@@ -65,12 +65,15 @@ class V3PostTrainingConfig:
     # kept 42 of 1600 samples (2.6%: format 0.52, English arithmetic 0.05 after stage 3's
     # retraining from the base), too few for SFT to learn the layout (format 0 after it).
     teacher: str = "stage2_seed0"
-    reasoning_prompts: int = 400
+    # Measured 2026-12-02: 400 prompts kept 315 samples from stage 2 and SFT on them (+ 300
+    # general, 2 epochs) from the base learned no layout (format 0); r1's stage 3 needed ~800
+    # kept samples and 3 epochs to reach format 0.5.
+    reasoning_prompts: int = 2000
     rejection: RejectionConfig = dataclasses.field(
         default_factory=lambda: r1_pipeline.R1Config().rejection
     )
     general_conversations: int = 300
-    sft: SFTConfig = dataclasses.field(default_factory=r1_pipeline.default_sft)
+    sft: SFTConfig = dataclasses.field(default_factory=lambda: r1_pipeline.default_sft(3.0))
     judge_pairs: int = 600  # helpful + harmless pairs, half each
     judge: SFTConfig = dataclasses.field(default_factory=_judge_sft)
     judge_max_new_tokens: int = 48  # a critique and `Score: N`: ~25 tokens here
