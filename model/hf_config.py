@@ -87,16 +87,22 @@ def _bool(hf: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> bool:
     return value
 
 
-def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
-    """(rope_theta, yarn) from `rope_parameters` (new form) or `rope_theta`+`rope_scaling`."""
+def rope_params(hf: Mapping[str, Any], default_theta: float) -> tuple[Mapping, float, str]:
+    """(rope parameters, rope_theta, rope type) from `rope_parameters` (transformers 5's form,
+    which carries rope_theta) or `rope_theta` + `rope_scaling` (the published form)."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"config.json: rope parameters must be an object, got {params!r}")
     if "rope_theta" in params:
         theta = _float(params, "rope_theta")
     else:
-        theta = _float(hf, "rope_theta", HF_DEFAULTS["rope_theta"])
-    kind = params.get("rope_type", params.get("type", "default"))
+        theta = _float(hf, "rope_theta", default_theta)
+    return params, theta, params.get("rope_type", params.get("type", "default"))
+
+
+def _rope(hf: Mapping[str, Any]) -> tuple[float, YarnConfig | None]:
+    """(rope_theta, yarn) from `rope_parameters` (new form) or `rope_theta`+`rope_scaling`."""
+    params, theta, kind = rope_params(hf, HF_DEFAULTS["rope_theta"])
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError(
             f"config.json: partial_rotary_factor={params['partial_rotary_factor']} unsupported; "

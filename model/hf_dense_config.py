@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from model.config import GQAConfig, Llama3RopeScaling, ModelConfig
-from model.hf_config import _bool, _float, _int
+from model.hf_config import _bool, _float, _int, rope_params
 
 DENSE_TYPES = ("llama", "qwen2")
 
@@ -35,14 +35,7 @@ _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_p
 
 
 def _rope(hf: Mapping[str, Any], defaults: Mapping[str, Any]) -> tuple[float, Any]:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if not isinstance(params, Mapping):
-        raise ValueError(f"config.json: rope parameters must be an object, got {params!r}")
-    if "rope_theta" in params:
-        theta = _float(params, "rope_theta")
-    else:
-        theta = _float(hf, "rope_theta", defaults["rope_theta"])
-    kind = params.get("rope_type", params.get("type", "default"))
+    params, theta, kind = rope_params(hf, defaults["rope_theta"])
     if params.get("partial_rotary_factor", 1.0) != 1.0:
         raise ValueError("config.json: partial_rotary_factor unsupported (valid: 1.0)")
     if kind == "default":

@@ -95,3 +95,24 @@ def evaluate_policy(
         for name in fns
     }
     return means | {"completion_len": float(np.mean(lengths))}, per_task
+
+
+def loop_evaluator(
+    cfg: ModelConfig,
+    tokenizer: Tokenizer,
+    tasks: Sequence[Mapping[str, Any]],
+    fns: Mapping[str, RewardFn],
+    max_new_tokens: int,
+):
+    """`evaluate(state, step)` for the training loop: greedy held-out scores of the state's
+    policy ({} without tasks or functions)."""
+
+    def evaluate(state, step: int) -> dict[str, float]:
+        if not tasks or not fns:
+            return {}
+        means, _ = evaluate_policy(
+            cfg, state.variables, tokenizer, tasks, fns, max_new_tokens=max_new_tokens
+        )
+        return means
+
+    return evaluate

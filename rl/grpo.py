@@ -41,7 +41,7 @@ import numpy as np
 
 from model import ModelConfig
 from model.sampling import Sampling
-from rl.evaluate import check_tasks, evaluate_policy, prompt_ids
+from rl.evaluate import check_tasks, loop_evaluator, prompt_ids
 from rl.grpo_loss import GRPOLossConfig
 from rl.grpo_step import GRPOStep
 from rl.rewards import RewardFn, Weighted
@@ -310,14 +310,9 @@ def train_grpo(
         tasks = [train_tasks[i] for i in order]
         return grpo_step(state, ref["ref"] if use_ref else None, step, tasks)
 
-    def run_eval(state: TrainState, step: int) -> dict[str, float]:
-        if not eval_tasks or not eval_fns:
-            return {}
-        means, _ = evaluate_policy(
-            cfg, state.variables, tokenizer, eval_tasks, eval_fns,
-            max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-        )  # fmt: skip
-        return means
+    run_eval = loop_evaluator(
+        cfg, tokenizer, eval_tasks, eval_fns, config.eval_max_new_tokens or config.max_new_tokens
+    )
 
     def postfix(record: dict) -> dict:
         return {

@@ -31,7 +31,7 @@ import numpy as np
 
 from model import ModelConfig, forward
 from model.sampling import Sampling
-from rl.evaluate import check_tasks, evaluate_policy, prompt_ids
+from rl.evaluate import check_tasks, loop_evaluator, prompt_ids
 from rl.grpo import GRPOResult, constant_lr, task_order
 from rl.rewards import RewardFn
 from rl.rollout import Rollout, rollout, row_length
@@ -249,14 +249,9 @@ def distill_on_policy(
         }
         return state, metrics
 
-    def run_eval(state: TrainState, step: int) -> dict[str, float]:
-        if not eval_tasks or not eval_fns:
-            return {}
-        means, _ = evaluate_policy(
-            cfg, state.variables, tokenizer, eval_tasks, eval_fns,
-            max_new_tokens=config.eval_max_new_tokens or config.max_new_tokens,
-        )  # fmt: skip
-        return means
+    run_eval = loop_evaluator(
+        cfg, tokenizer, eval_tasks, eval_fns, config.eval_max_new_tokens or config.max_new_tokens
+    )
 
     result = loop.run(
         state, step_fn, evaluate=run_eval, evaluate_first=True,
