@@ -76,9 +76,9 @@ class DistillConfig:
     )
     general_conversations: int = 300
     sft: SFTConfig = dataclasses.field(default_factory=lambda: r1_pipeline.default_sft(3.0))
-    kd: KDConfig = dataclasses.field(
-        default_factory=lambda: KDConfig(teacher_run="(the teacher)", weight=0.5, beta=0.0)
-    )
+    kd_weight: float = 0.5  # logit KD: of the divergence (KDConfig.weight)
+    kd_beta: float = 0.0  # 0 forward KL (KDConfig.beta)
+    kd_top_k: int | None = None
     on_policy: OnPolicyConfig = dataclasses.field(
         default_factory=lambda: OnPolicyConfig(
             optimizer=constant_lr(5e-5),
@@ -179,10 +179,9 @@ def run(config: DistillConfig, run_dir) -> dict:
         compute[f"{name} seq-SFT"] = (s_train * _tokens(where / "seq_sft"), 0.0)
 
         with timed(f"{name} logit KD"):
-            kd_sft = dataclasses.replace(
-                config.sft, kd=dataclasses.replace(config.kd, teacher_run=str(teacher_dir),
-                                                   teacher_hf=None),
-            )  # fmt: skip
+            kd_loss = KDConfig(teacher_run=str(teacher_dir), weight=config.kd_weight,
+                               beta=config.kd_beta, top_k=config.kd_top_k)  # fmt: skip
+            kd_sft = dataclasses.replace(config.sft, kd=kd_loss)
             _kd_teacher_dir(teacher_dir, tok)
             stages.sft_stage(kd_sft, base_dir, data, parallel, where / "logit_kd")
             kd = load_run(where / "logit_kd")
@@ -222,9 +221,7 @@ def run(config: DistillConfig, run_dir) -> dict:
     for name, recs in records.items():
         student, teacher_f = compute.get(name, (None, None))
         rows[name] = summarize(recs) | {
-            "minutes": timed.minutes.get(name.removesuffix(" base") + " base")
-            if name.endswith(" base")
-            else timed.minutes.get(name),
+            "minutes": timed.minutes.get(name),
             "student_pflops": None if student is None else student / 1e15,
             "teacher_pflops": None if teacher_f is None else teacher_f / 1e15,
         }

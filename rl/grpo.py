@@ -187,10 +187,11 @@ def _first_eval(run_dir: Path) -> dict[str, float]:
     return {}
 
 
-def _initial_state(
+def initial_policy_state(
     config: GRPOConfig, variables: dict, optimizer, shardings: TrainState
 ) -> TrainState:
-    """The initial policy's train state, created in its shardings."""
+    """The initial policy's train state, created in its shardings (`config.seed` seeds its
+    key; GRPO and on-policy distillation)."""
     # Copies: the update donates the state's buffers, and the caller keeps its variables.
     where = {"params": shardings.params, "router_bias": shardings.router_bias}
     variables = jax.device_put(
@@ -281,7 +282,7 @@ def train_grpo(
     optimizer = make_optimizer(config.optimizer)
     shardings = state_shardings(cfg, optimizer, parallel)
     with parallel.activate():
-        state = _initial_state(config, variables, optimizer, shardings)
+        state = initial_policy_state(config, variables, optimizer, shardings)
     use_ref = config.loss.beta > 0
     ref = {"ref": jax.tree.map(jnp.copy, state.params)} if use_ref else None
     state, ref, _ = loop.resume(state, extra=ref)

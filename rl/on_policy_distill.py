@@ -32,7 +32,7 @@ import numpy as np
 from model import ModelConfig, forward
 from model.sampling import Sampling
 from rl.evaluate import check_tasks, loop_evaluator, prompt_ids
-from rl.grpo import GRPOResult, constant_lr, task_order
+from rl.grpo import GRPOResult, constant_lr, initial_policy_state, task_order
 from rl.rewards import RewardFn
 from rl.rollout import Rollout, rollout, row_length
 from sharding.mesh import Parallel, ParallelConfig, make_parallel
@@ -196,14 +196,7 @@ def distill_on_policy(
     optimizer = make_optimizer(config.optimizer)
     shardings = state_shardings(cfg, optimizer, parallel)
     with parallel.activate():
-        state = jax.jit(
-            lambda v: TrainState(
-                step=jnp.zeros((), jnp.int32), params=v["params"],
-                opt_state=optimizer.init(v["params"]), router_bias=v.get("router_bias", {}),
-                rng=jax.random.key(config.seed), skipped=jnp.zeros((), jnp.int32),
-            ),
-            out_shardings=shardings,
-        )(jax.tree.map(jnp.copy, dict(student)))  # fmt: skip
+        state = initial_policy_state(config, student, optimizer, shardings)
     state, _, _ = loop.resume(state)
     # The student's run dir is a complete run (train.run.load_run, `generate --ckpt`).
     if not (Path(run_dir) / TOKENIZER_FILE).exists():

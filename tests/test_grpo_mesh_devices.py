@@ -11,7 +11,7 @@ import pytest
 
 import model
 from model.sampling import Sampling
-from rl.grpo import GRPOConfig, _initial_state, train_grpo
+from rl.grpo import GRPOConfig, initial_policy_state, train_grpo
 from rl.grpo_loss import GRPOLossConfig, group_advantages
 from rl.grpo_step import grpo_objective, jitted_update, place_batch
 from rl.rollout import rollout
@@ -74,7 +74,7 @@ def _loss_and_grads(cfg, variables, batch, parallel):
     optimizer = make_optimizer(OPT)
     shardings = state_shardings(cfg, optimizer, parallel)
     with parallel.activate():
-        state = _initial_state(GRPOConfig(), variables, optimizer, shardings)
+        state = initial_policy_state(GRPOConfig(), variables, optimizer, shardings)
         objective = grpo_objective(cfg, LOSS, 1.0, on_policy=True)
         fn = jax.jit(jax.value_and_grad(objective, has_aux=True))
         (loss, metrics), grads = fn(state.params, state.router_bias, place_batch(batch, parallel))
